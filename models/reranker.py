@@ -1,0 +1,152 @@
+"""Qwen3-Reranker (0.6B / 4B / 8B): the model card's recipe, computed with one dot product per document.
+
+Prompt (design.md s1): PREFIX + "<Instruct>: {instruction}\\n<Query>: {query}\\n<Document>: {doc}" + SUFFIX,
+tokenized without special tokens. Score = softmax([logit_no, logit_yes])[1] at the last token, which, since the
+LM head has no bias, equals sigmoid((W[yes] - W[no]) . h_last). We keep only that fp32 difference vector and
+never compute the 151669-wide logits.
+
+The prompt splits into a per-request head (PREFIX + instruction + query) and a per-document tail
+("<Document>: {doc}" + SUFFIX); tokenizing the two apart and concatenating gives exactly the joint tokens.
+So the head runs once per request and its keys/values serve every document (exact under causal attention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from models.base import DEFAULT_MAX_BATCH_ITEMS, DEFAULT_MAX_LENGTH, Qwen3Engine, Runtime, load_pretrained, \
+    resolve_runtime
+from models.errors import EngineInputError
+
+PREFIX = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
+          "Instruct provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n")
+SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+def query_head_text(query: str, instruction: str) -> str:
+    return f"<Instruct>: {instruction}\n<Query>: {query}\n"
+
+
+def document_text(document: str) -> str:
+    return f"<Document>: {document}"
+
+
+@dataclass
+class RerankJob:
+    """One request, tokenized: a shared head and one tail per document (document + SUFFIX)."""
+
+    head_ids: list[int]
+    tail_ids: list[list[int]]
+
+    @property
+    def token_counts(self) -> list[int]:
+        """Tokens of each (query, document) prompt exactly as the model card would feed it."""
+        return [len(self.head_ids) + len(tail) for tail in self.tail_ids]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.token_counts)
+
+
+@dataclass
+class RerankResult:
+    scores: list[float]  # P(yes) per document, in input order
+    token_counts: list[int]
+
+
+class Qwen3Reranker(Qwen3Engine):
+    task = "rerank"
+
+    def __init__(self, causal_lm, tokenizer, runtime: Runtime, *, source: str,
+                 max_length: int = DEFAULT_MAX_LENGTH, token_budget: int | None = None,
+                 max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS, reuse_query_prefix: bool = True,
+                 default_instruction: str = DEFAULT_INSTRUCTION):
+        yes_id = tokenizer.convert_tokens_to_ids("yes")
+        no_id = tokenizer.convert_tokens_to_ids("no")
+        if yes_id in (None, tokenizer.unk_token_id) or no_id in (None, tokenizer.unk_token_id):
+            raise ValueError("tokenizer has no 'yes'/'no' tokens: not a Qwen3-Reranker tokenizer")
+        head = causal_lm.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("LM head has a bias; the yes/no difference-vector score would be inexact")
+        # fp32 difference vector, as vLLM's from_2_way_softmax: it is all the head we need.
+        self.score_direction = (head.weight[yes_id].float() - head.weight[no_id].float()).detach().clone()
+        self.score_direction = self.score_direction.to(runtime.device)
+        backbone = causal_lm.model
+        # Drop the LM head: for the untied 8B this frees ~1.2 GB; for tied models it shares the input
+        # embeddings and nothing is freed.
+        causal_lm.lm_head = None
+        super().__init__(backbone, tokenizer, runtime, source=source, max_length=max_length,
+                         token_budget=token_budget, max_batch_items=max_batch_items)
+        self.reuse_query_prefix = reuse_query_prefix
+        self.default_instruction = default_instruction
+        self.prefix_ids = self.encode_text(PREFIX)
+        self.suffix_ids = self.encode_text(SUFFIX)
+        # Smallest document part worth scoring: the "<Document>:" marker itself.
+        self._min_document_tokens = len(self.encode_text(document_text("").rstrip()))
+
+    @classmethod
+    def from_pretrained(cls, source: str, *, revision: str | None = None, device: str = "auto",
+                        dtype: str = "auto", attn_implementation: str = "auto", **options) -> Qwen3Reranker:
+        runtime = resolve_runtime(device, dtype, attn_implementation)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        causal_lm = load_pretrained(AutoModelForCausalLM, source, revision, runtime)
+        return cls(causal_lm, tokenizer, runtime, source=source, **options)
+
+    # ---- tokenize --------------------------------------------------------------------------------------
+
+    def tokenize(self, query: str, documents: list[str], instruction: str | None = None,
+                 max_tokens_per_doc: int | None = None) -> RerankJob:
+        """Build the official prompts. Only documents are truncated (from the right), as in the model card."""
+        if not documents:
+            raise EngineInputError("documents must contain at least one document", param="documents")
+        if max_tokens_per_doc is not None and max_tokens_per_doc < 1:
+            raise EngineInputError("max_tokens_per_doc must be a positive integer", param="max_tokens_per_doc")
+        instruction = self.default_instruction if instruction is None else instruction
+        head_ids = self.prefix_ids + self.encode_text(query_head_text(query, instruction))
+        room = self.max_length - len(head_ids) - len(self.suffix_ids)
+        if room < self._min_document_tokens:
+            raise EngineInputError(
+                f"query and instruction take {len(head_ids) - len(self.prefix_ids)} tokens, which with the "
+                f"prompt template leaves no room for a document within max_length {self.max_length}; "
+                "shorten the query or the instruction", param="query")
+        if max_tokens_per_doc is not None:
+            # The cap counts the document's own tokens, after the "<Document>:" marker.
+            room = min(room, self._min_document_tokens + max_tokens_per_doc)
+        encoded = self.tokenizer([document_text(d) for d in documents], add_special_tokens=False)["input_ids"]
+        tails = [ids[:room] + self.suffix_ids for ids in encoded]
+        return RerankJob(head_ids=head_ids, tail_ids=tails)
+
+    # ---- forward + postprocess -------------------------------------------------------------------------
+
+    def run(self, jobs: list[RerankJob]) -> list[RerankResult]:
+        """Score many requests at once. Multi-document requests reuse their query head's KV; single-document
+        requests are pooled across jobs into shared micro-batches."""
+        scores: list[torch.Tensor | None] = [None] * len(jobs)
+        pooled_jobs = []
+        for index, job in enumerate(jobs):
+            if self.reuse_query_prefix and len(job.tail_ids) > 1:
+                prefix = self.prefix_cache(job.head_ids)
+                scores[index] = self._score(self.last_token_states(job.tail_ids, prefix=prefix))
+            else:
+                pooled_jobs.append(index)
+        if pooled_jobs:
+            sequences = [jobs[i].head_ids + tail for i in pooled_jobs for tail in jobs[i].tail_ids]
+            pooled = self._score(self.last_token_states(sequences))
+            start = 0
+            for index in pooled_jobs:
+                count = len(jobs[index].tail_ids)
+                scores[index] = pooled[start:start + count]
+                start += count
+        return [RerankResult(scores=s.tolist(), token_counts=job.token_counts) for s, job in zip(scores, jobs)]
+
+    def _score(self, last_states: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(last_states @ self.score_direction).cpu()
+
+    def rerank(self, query: str, documents: list[str], instruction: str | None = None,
+               max_tokens_per_doc: int | None = None) -> RerankResult:
+        """Convenience: tokenize and run one request."""
+        return self.run([self.tokenize(query, documents, instruction, max_tokens_per_doc)])[0]

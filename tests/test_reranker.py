@@ -1,0 +1,171 @@
+"""Qwen3-Reranker engine: parity with the model card's code, truncation, token counts, batching invariance."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from models import EngineInputError, Qwen3Reranker
+from models.checkpoints import build_checkpoint
+from models.reranker import DEFAULT_INSTRUCTION
+from tests.reference import ModelCardReranker
+from tests.texts import DOCUMENTS, LONG_DOCUMENT, QUERIES
+
+TOLERANCE = 1e-5
+SHORT_MAX_LENGTH = 160  # small enough that several test documents are truncated
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_reranker_path):
+    return Qwen3Reranker.from_pretrained(str(tiny_reranker_path), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_reranker_path):
+    return ModelCardReranker(str(tiny_reranker_path))
+
+
+def max_abs_diff(a, b):
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def test_default_instruction_is_the_model_cards():
+    assert DEFAULT_INSTRUCTION == "Given a web search query, retrieve relevant passages that answer the query"
+
+
+def test_prompt_template_token_counts(engine):
+    assert len(engine.prefix_ids) == 39 and len(engine.suffix_ids) == 9
+    assert engine.tokenizer.convert_ids_to_tokens(
+        [int(engine.tokenizer.convert_tokens_to_ids("yes")), int(engine.tokenizer.convert_tokens_to_ids("no"))]
+    ) == ["yes", "no"]
+
+
+@pytest.mark.parametrize("query", QUERIES)
+def test_scores_match_model_card(engine, reference, query):
+    expected = reference.scores(query, DOCUMENTS)
+    result = engine.rerank(query, DOCUMENTS)
+    assert max_abs_diff(result.scores, expected) <= TOLERANCE
+    assert result.token_counts == reference.token_counts(query, DOCUMENTS)
+
+
+def test_document_longer_than_max_length_matches_model_card(engine, reference):
+    # The reference materialises 8192 x 151669 fp32 logits (5 GB) for this one document, so it runs alone.
+    documents = [DOCUMENTS[0], LONG_DOCUMENT]
+    expected = reference.scores(QUERIES[0], documents[:1]) + reference.scores(QUERIES[0], documents[1:])
+    result = engine.rerank(QUERIES[0], documents)
+    assert max_abs_diff(result.scores, expected) <= TOLERANCE
+    assert result.token_counts[1] == reference.token_counts(QUERIES[0], documents[1:])[0] == 8192
+
+
+def test_scores_are_spread_so_parity_is_meaningful(engine):
+    scores = engine.rerank(QUERIES[0], DOCUMENTS).scores
+    assert max(scores) - min(scores) > 0.05, scores
+
+
+@pytest.mark.parametrize("instruction", ["Find the passage that answers a question about animals", "", "指令 🐼"])
+def test_custom_instruction_matches_model_card(engine, reference, instruction):
+    expected = reference.scores(QUERIES[2], DOCUMENTS, instruction=instruction)
+    result = engine.rerank(QUERIES[2], DOCUMENTS, instruction=instruction)
+    assert max_abs_diff(result.scores, expected) <= TOLERANCE
+    assert result.scores != engine.rerank(QUERIES[2], DOCUMENTS).scores
+
+
+def test_truncation_matches_model_card_at_short_max_length(tiny_reranker_path, engine):
+    short = _variant(engine, max_length=SHORT_MAX_LENGTH)
+    reference = ModelCardReranker(str(tiny_reranker_path), max_length=SHORT_MAX_LENGTH)
+    documents = DOCUMENTS + [LONG_DOCUMENT, DOCUMENTS[1] * 4]
+    for query in QUERIES[:3]:
+        result = short.rerank(query, documents)
+        assert max_abs_diff(result.scores, reference.scores(query, documents)) <= TOLERANCE
+        assert result.token_counts == reference.token_counts(query, documents)
+        assert max(result.token_counts) == SHORT_MAX_LENGTH
+
+
+def test_truncation_cuts_only_the_document_and_keeps_the_suffix(engine):
+    job = engine.tokenize(QUERIES[0], [LONG_DOCUMENT, "short"])
+    long_tail, short_tail = job.tail_ids
+    assert job.token_counts[0] == engine.max_length
+    assert long_tail[-len(engine.suffix_ids):] == engine.suffix_ids
+    assert short_tail[-len(engine.suffix_ids):] == engine.suffix_ids
+    assert job.head_ids[:len(engine.prefix_ids)] == engine.prefix_ids
+    text = engine.tokenizer.decode(job.head_ids + long_tail)
+    assert QUERIES[0] in text and text.endswith("<think>\n\n</think>\n\n")
+
+
+def test_query_too_long_is_an_input_error(engine):
+    with pytest.raises(EngineInputError) as error:
+        engine.tokenize("query " * 9000, ["doc"])
+    assert error.value.param == "query" and "max_length 8192" in error.value.message
+
+
+def test_max_tokens_per_doc_caps_each_document(engine):
+    job = engine.tokenize(QUERIES[0], [LONG_DOCUMENT, "tiny doc"], max_tokens_per_doc=20)
+    marker = engine._min_document_tokens
+    assert len(job.tail_ids[0]) == marker + 20 + len(engine.suffix_ids)
+    assert job.tail_ids[1] == engine.tokenize(QUERIES[0], ["tiny doc"]).tail_ids[0]
+
+
+def test_empty_documents_list_is_an_input_error(engine):
+    with pytest.raises(EngineInputError):
+        engine.tokenize("q", [])
+
+
+def _variant(engine, **changes):
+    """The same engine (same weights) with other settings: engines keep settings as plain attributes."""
+    variant = copy.copy(engine)
+    for name, value in changes.items():
+        assert hasattr(variant, name), name
+        setattr(variant, name, value)
+    return variant
+
+
+@pytest.mark.parametrize("changes", [
+    {"token_budget": 64},
+    {"token_budget": 1_000_000, "max_batch_items": 1000},
+    {"max_batch_items": 1},
+    {"max_batch_items": 3, "token_budget": 600},
+    {"reuse_query_prefix": False},
+    {"reuse_query_prefix": False, "token_budget": 300},
+])
+def test_scores_do_not_depend_on_batching(engine, changes):
+    documents = DOCUMENTS + [LONG_DOCUMENT, DOCUMENTS[1] * 3]
+    baseline = engine.rerank(QUERIES[1], documents).scores
+    variant = _variant(engine, **changes)
+    assert max_abs_diff(variant.rerank(QUERIES[1], documents).scores, baseline) <= 1e-6
+
+
+def test_packed_sequences_match_padded(engine):
+    packed = _variant(engine, reuse_query_prefix=False)
+    packed.runtime = dataclasses.replace(engine.runtime, pack_sequences=True)
+    documents = DOCUMENTS
+    assert max_abs_diff(packed.rerank(QUERIES[0], documents).scores,
+                        engine.rerank(QUERIES[0], documents).scores) <= 1e-6
+
+
+def test_many_jobs_in_one_run_equal_separate_runs(engine):
+    jobs = [engine.tokenize(q, DOCUMENTS[: 1 + i % 3], instruction=None if i % 2 else "custom")
+            for i, q in enumerate(QUERIES)]
+    together = engine.run(jobs)
+    # Reversed order, one at a time: each request's scores must be the same.
+    for job, result in zip(reversed(jobs), reversed(together)):
+        alone = engine.run([job])[0]
+        assert max_abs_diff(alone.scores, result.scores) <= 1e-6
+        assert alone.token_counts == result.token_counts
+
+
+def test_document_order_does_not_change_scores(engine):
+    forward = engine.rerank(QUERIES[0], DOCUMENTS).scores
+    backward = engine.rerank(QUERIES[0], DOCUMENTS[::-1]).scores
+    assert max_abs_diff(forward, backward[::-1]) <= 1e-6
+
+
+def test_untied_checkpoint_drops_the_lm_head_and_keeps_parity(tmp_path):
+    # The 8B reranker has an untied LM head: only the yes/no difference vector must survive loading.
+    path = build_checkpoint(tmp_path / "untied", "rerank", "tiny", tie_word_embeddings=False, seed=1)
+    engine = Qwen3Reranker.from_pretrained(str(path), device="cpu")
+    assert not any("lm_head" in name for name, _ in engine.backbone.named_parameters())
+    assert engine.score_direction.dtype == torch.float32
+    reference = ModelCardReranker(str(path))
+    assert max_abs_diff(engine.rerank(QUERIES[0], DOCUMENTS).scores,
+                        reference.scores(QUERIES[0], DOCUMENTS)) <= TOLERANCE
