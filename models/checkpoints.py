@@ -97,7 +97,7 @@ def qwen3_config(shape: Shape, layers: int | None) -> Qwen3Config:
         num_key_value_heads=shape.num_key_value_heads, head_dim=shape.head_dim,
         tie_word_embeddings=shape.tie_word_embeddings, initializer_range=shape.initializer_range,
         max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
-        bos_token_id=END_OF_TEXT_ID, eos_token_id=END_OF_TEXT_ID, pad_token_id=END_OF_TEXT_ID,
+        bos_token_id=END_OF_TEXT_ID, eos_token_id=END_OF_TEXT_ID,
     )
 
 
