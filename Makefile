@@ -1,0 +1,28 @@
+# Two commands for a new machine (see README): `make test` and `make serve`. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: test checkpoints bench bench-quick clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# constraints.txt pins the CPU torch wheel; on a GPU machine install torch first and drop the pin.
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	touch $@
+
+test: $(VENV)/.installed  ## set up, then run the whole test suite
+	$(PY) -m pytest -q
+
+checkpoints: $(VENV)/.installed  ## tiny offline reranker + embedder checkpoints in checkpoints/
+	$(PY) -m models.checkpoints --out checkpoints
+
+bench-quick: $(VENV)/.installed  ## engine benchmark on the tiny models (no reference run): seconds
+	$(PY) bench/engine_bench.py --shape tiny --skip-reference
+
+bench: $(VENV)/.installed  ## engine benchmark, shape-true 0.6B vs the model cards' code: minutes on CPU
+	$(PY) bench/engine_bench.py --shape 0.6b --repeats 1
+
+clean:
+	rm -rf $(VENV) checkpoints

@@ -1,0 +1,201 @@
+"""Engine benchmark: the model cards' reference code vs our engines, side by side in one process and one run.
+
+Workloads (fixed, deterministic):
+  rerank: 1 query x 32 documents of 50 to 450 words of real English text
+  embed:  64 texts of 5 to 250 words
+The English text is the docstrings of Python's standard library (real prose, on every machine, offline).
+
+For each workload it prints the reference time, our time, their ratio, and the FLOP floor: the useful FLOPs
+(every real token through every layer once, causal attention included, no padding, no LM head, the reranker's
+query head counted once) over the matrix-multiply peak measured in the same run.
+
+    python bench/engine_bench.py --shape 0.6b              # shape-true 0.6B, all 28 layers (CPU: minutes)
+    python bench/engine_bench.py --shape tiny              # seconds: a quick check
+    python bench/engine_bench.py --shape 8b --device cuda --skip-reference   # GPU: docs/s and MFU, no Ray
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import pkgutil
+import random
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from models import Qwen3Embedder, Qwen3Reranker  # noqa: E402
+from models.checkpoints import build_checkpoint, checkpoint_name  # noqa: E402
+from tests.reference import ModelCardEmbedder, ModelCardReranker  # noqa: E402
+
+QUERY = "How does the garbage collector decide when to free memory that is no longer referenced?"
+
+
+# ---- workload ------------------------------------------------------------------------------------------
+
+def english_words() -> list[str]:
+    """Words of the standard library's docstrings, in a fixed order."""
+    import collections, json, os, pathlib, re as re_module, string, textwrap, typing  # noqa: E401, F401
+    modules = [collections, json, os, pathlib, re_module, string, textwrap, typing, inspect, pkgutil, random,
+               statistics, argparse]
+    words: list[str] = []
+    for module in modules:
+        for _, member in sorted(vars(module).items()):
+            doc = inspect.getdoc(member) if callable(member) or inspect.ismodule(member) else None
+            if doc:
+                words.extend(w for w in re.split(r"\s+", doc) if w)
+    return words
+
+
+def make_texts(count: int, min_words: int, max_words: int, seed: int) -> list[str]:
+    words = english_words()
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(count):
+        n = rng.randint(min_words, max_words)
+        start = rng.randrange(0, len(words) - n)
+        texts.append(" ".join(words[start:start + n]))
+    return texts
+
+
+# ---- FLOP accounting -----------------------------------------------------------------------------------
+
+def layer_flops(config, tokens: int, context_start: int = 0) -> float:
+    """FLOPs of `tokens` consecutive tokens through all layers, attending to `context_start` earlier ones."""
+    h, heads, kv, d, ffn = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                            config.head_dim, config.intermediate_size)
+    linear_params = h * heads * d + 2 * h * kv * d + heads * d * h + 3 * h * ffn
+    # Causal attention: token at position p does QK^T and AV over p+1 keys: 4 * heads * d * (p + 1).
+    positions = tokens * context_start + tokens * (tokens + 1) / 2
+    return config.num_hidden_layers * (2 * linear_params * tokens + 4 * heads * d * positions)
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 2.0) -> float:
+    n = 4096 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(10 if device.type == "cuda" else 1):
+            torch.mm(a, b)
+        sync(device)
+        elapsed = time.perf_counter() - start
+        best = max(best, (10 if device.type == "cuda" else 1) * 2 * n ** 3 / elapsed)
+    return best
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats: int, warmup: bool = True) -> tuple[float, object]:
+    """Best-of-`repeats` wall time, after one warm-up call when asked."""
+    result = fn() if warmup else None
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        result = fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return min(times), result
+
+
+# ---- benchmarks ----------------------------------------------------------------------------------------
+
+def bench_rerank(path: Path, args, peak: float) -> dict:
+    documents = make_texts(32, 50, 450, seed=1)
+    engine = Qwen3Reranker.from_pretrained(str(path), device=args.device, dtype=args.dtype)
+    device, config = engine.runtime.device, engine.backbone.config
+    job = engine.tokenize(QUERY, documents)
+    useful = layer_flops(config, len(job.head_ids)) + sum(
+        layer_flops(config, len(tail), context_start=len(job.head_ids)) for tail in job.tail_ids)
+    ours_s, ours = timed(lambda: engine.rerank(QUERY, documents), device, args.repeats)
+    row = {"workload": "rerank 1x32", "tokens": job.num_tokens, "ours_s": ours_s, "useful_tflop": useful / 1e12,
+           "floor_s": useful / peak, "items_per_s": len(documents) / ours_s}
+    del engine
+    gc.collect()
+    if not args.skip_reference:
+        reference = ModelCardReranker(str(path))
+        reference.model.to(device)
+        # Chunks of 8 pairs: all 32 at once need ~13 GB of logits and were OOM-killed on a 24 GB machine.
+        # One run, no warm-up on CPU: it takes minutes there, and one-time costs are milliseconds.
+        ref_s, expected = timed(lambda: reference.scores(QUERY, documents, batch_size=8), device, 1, warmup=device.type == "cuda")
+        row.update(reference_s=ref_s, max_abs_diff=max(abs(a - b) for a, b in zip(ours.scores, expected)))
+        del reference
+        gc.collect()
+    return row
+
+
+def bench_embed(path: Path, args, peak: float) -> dict:
+    texts = make_texts(64, 5, 250, seed=2)
+    engine = Qwen3Embedder.from_pretrained(str(path), device=args.device, dtype=args.dtype)
+    device, config = engine.runtime.device, engine.backbone.config
+    job = engine.tokenize(texts)
+    useful = sum(layer_flops(config, n) for n in job.token_counts)
+    ours_s, ours = timed(lambda: engine.embed(texts), device, args.repeats)
+    row = {"workload": "embed 64", "tokens": job.num_tokens, "ours_s": ours_s, "useful_tflop": useful / 1e12,
+           "floor_s": useful / peak, "items_per_s": len(texts) / ours_s}
+    del engine
+    gc.collect()
+    if not args.skip_reference:
+        reference = ModelCardEmbedder(str(path))
+        reference.model.to(device)
+        ref_s, expected = timed(lambda: reference.embeddings(texts), device, 1, warmup=device.type == "cuda")
+        row.update(reference_s=ref_s,
+                   max_abs_diff=float((torch.from_numpy(ours.embeddings) - expected.cpu()).abs().max()))
+        del reference
+        gc.collect()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="tiny", choices=["tiny", "0.6b", "4b", "8b"])
+    parser.add_argument("--layers", type=int, default=None, help="fewer layers than the shape's own")
+    parser.add_argument("--task", default="both", choices=["rerank", "embed", "both"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of our engine (best is kept)")
+    parser.add_argument("--skip-reference", action="store_true", help="GPU sizes: our engine only")
+    parser.add_argument("--checkpoints", default=str(REPO / "checkpoints"))
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.float32 if device.type == "cpu" and args.dtype == "auto" else torch.bfloat16 \
+        if args.dtype == "auto" else getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}.get(args.dtype, args.dtype))
+    peak = matmul_peak_flops(device, dtype)
+    print(f"# shape {args.shape} layers {args.layers or 'all'} | device {device} {dtype} | "
+          f"torch {torch.__version__} threads {torch.get_num_threads()} | matmul peak {peak / 1e9:.0f} GFLOP/s")
+    rows = []
+    for task, bench in (("rerank", bench_rerank), ("embed", bench_embed)):
+        if args.task in (task, "both"):
+            path = build_checkpoint(Path(args.checkpoints) / checkpoint_name(task, args.shape, args.layers),
+                                    task, args.shape, args.layers)
+            rows.append(bench(path, args, peak))
+    header = f"{'workload':<12} {'tokens':>6} {'reference s':>11} {'ours s':>8} {'speed-up':>8} " \
+             f"{'floor s':>8} {'ours/floor':>10} {'items/s':>8} {'MFU':>5} {'max|diff|':>9}"
+    print(header)
+    for row in rows:
+        ref = row.get("reference_s")
+        print(f"{row['workload']:<12} {row['tokens']:>6} {ref if ref else float('nan'):>11.3f} "
+              f"{row['ours_s']:>8.3f} {(ref / row['ours_s']) if ref else float('nan'):>7.2f}x "
+              f"{row['floor_s']:>8.3f} {row['ours_s'] / row['floor_s']:>9.2f}x {row['items_per_s']:>8.1f} "
+              f"{row['floor_s'] / row['ours_s']:>5.0%} {row.get('max_abs_diff', float('nan')):>9.1e}")
+
+
+if __name__ == "__main__":
+    main()
