@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, Cache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from models.batching import plan_micro_batches
@@ -115,6 +115,7 @@ class Qwen3Engine:
     """Holds a Qwen3 backbone (`Qwen3Model`, final norm included) and runs token sequences through it."""
 
     task: ClassVar[str]
+    auto_model_class: ClassVar[type]  # how the published checkpoint loads (AutoModelForCausalLM / AutoModel)
 
     def __init__(self, backbone: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, runtime: Runtime, *,
                  source: str, max_length: int = DEFAULT_MAX_LENGTH, token_budget: int | None = None,
@@ -132,6 +133,15 @@ class Qwen3Engine:
         # Padding value for right-padded batches; padded positions are never attended to by real tokens
         # (causal attention), and never read, so any valid id works.
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @classmethod
+    def from_pretrained(cls, source: str, *, revision: str | None = None, device: str = "auto",
+                        dtype: str = "auto", attn_implementation: str = "auto", **options):
+        """Load a published checkpoint (hub id or local directory) as is; `options` go to the engine."""
+        runtime = resolve_runtime(device, dtype, attn_implementation)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        model = load_pretrained(cls.auto_model_class, source, revision, runtime)
+        return cls(model, tokenizer, runtime, source=source, **options)
 
     @property
     def hidden_size(self) -> int:

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel
 
-from models.base import DEFAULT_MAX_BATCH_ITEMS, DEFAULT_MAX_LENGTH, Qwen3Engine, Runtime, load_pretrained, \
-    resolve_runtime
+from models.base import DEFAULT_MAX_BATCH_ITEMS, DEFAULT_MAX_LENGTH, Qwen3Engine, Runtime
 from models.errors import EngineInputError
 
 END_OF_TEXT = "<|endoftext|>"
@@ -48,6 +47,7 @@ class EmbedResult:
 
 class Qwen3Embedder(Qwen3Engine):
     task = "embed"
+    auto_model_class = AutoModel
 
     def __init__(self, backbone, tokenizer, runtime: Runtime, *, source: str,
                  max_length: int = DEFAULT_MAX_LENGTH, token_budget: int | None = None,
@@ -60,13 +60,6 @@ class Qwen3Embedder(Qwen3Engine):
         probe = tokenizer("probe", add_special_tokens=True)["input_ids"]
         self.tokenizer_appends_eos = bool(probe) and probe[-1] == self.eos_id
 
-    @classmethod
-    def from_pretrained(cls, source: str, *, revision: str | None = None, device: str = "auto",
-                        dtype: str = "auto", attn_implementation: str = "auto", **options) -> Qwen3Embedder:
-        runtime = resolve_runtime(device, dtype, attn_implementation)
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-        backbone = load_pretrained(AutoModel, source, revision, runtime)
-        return cls(backbone, tokenizer, runtime, source=source, **options)
 
     @property
     def native_dimensions(self) -> int:

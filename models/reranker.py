@@ -15,10 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-from models.base import DEFAULT_MAX_BATCH_ITEMS, DEFAULT_MAX_LENGTH, Qwen3Engine, Runtime, load_pretrained, \
-    resolve_runtime
+from models.base import DEFAULT_MAX_BATCH_ITEMS, DEFAULT_MAX_LENGTH, Qwen3Engine, Runtime
 from models.errors import EngineInputError
 
 PREFIX = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
@@ -60,6 +59,7 @@ class RerankResult:
 
 class Qwen3Reranker(Qwen3Engine):
     task = "rerank"
+    auto_model_class = AutoModelForCausalLM
 
     def __init__(self, causal_lm, tokenizer, runtime: Runtime, *, source: str,
                  max_length: int = DEFAULT_MAX_LENGTH, token_budget: int | None = None,
@@ -88,13 +88,6 @@ class Qwen3Reranker(Qwen3Engine):
         # Smallest document part worth scoring: the "<Document>:" marker itself.
         self._min_document_tokens = len(self.encode_text(document_text("").rstrip()))
 
-    @classmethod
-    def from_pretrained(cls, source: str, *, revision: str | None = None, device: str = "auto",
-                        dtype: str = "auto", attn_implementation: str = "auto", **options) -> Qwen3Reranker:
-        runtime = resolve_runtime(device, dtype, attn_implementation)
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-        causal_lm = load_pretrained(AutoModelForCausalLM, source, revision, runtime)
-        return cls(causal_lm, tokenizer, runtime, source=source, **options)
 
     # ---- tokenize --------------------------------------------------------------------------------------
 

@@ -1,6 +1,5 @@
 """Qwen3-Embedding engine: parity with the model card's code, dimensions, token ids, batching invariance."""
 
-import copy
 import dataclasses
 
 import numpy as np
@@ -9,6 +8,7 @@ from transformers import AutoTokenizer
 
 from models import EngineInputError, Qwen3Embedder
 from models.embedder import query_text
+from tests.helpers import engine_variant
 from tests.reference import ModelCardEmbedder
 from tests.texts import DOCUMENTS, LONG_DOCUMENT, QUERIES
 
@@ -30,13 +30,6 @@ def reference(tiny_embedder_path):
 def max_abs_diff(a, b):
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
 
-
-def _variant(engine, **changes):
-    variant = copy.copy(engine)
-    for name, value in changes.items():
-        assert hasattr(variant, name), name
-        setattr(variant, name, value)
-    return variant
 
 
 def test_tokenizer_appends_end_of_text(engine):
@@ -130,12 +123,12 @@ def test_tokenizer_without_end_token_gets_it_appended(engine, tiny_reranker_path
 def test_vectors_do_not_depend_on_batching(engine, changes):
     texts = TEXTS + [DOCUMENTS[1] * 5]
     baseline = engine.embed(texts).embeddings
-    assert max_abs_diff(_variant(engine, **changes).embed(texts).embeddings, baseline) <= 1e-6
+    assert max_abs_diff(engine_variant(engine, **changes).embed(texts).embeddings, baseline) <= 1e-6
     assert max_abs_diff(engine.embed(texts[::-1]).embeddings[::-1], baseline) <= 1e-6
 
 
 def test_packed_sequences_match_padded(engine):
-    packed = _variant(engine, runtime=dataclasses.replace(engine.runtime, pack_sequences=True))
+    packed = engine_variant(engine, runtime=dataclasses.replace(engine.runtime, pack_sequences=True))
     assert max_abs_diff(packed.embed(TEXTS).embeddings, engine.embed(TEXTS).embeddings) <= 1e-6
 
 

@@ -1,6 +1,5 @@
 """Qwen3-Reranker engine: parity with the model card's code, truncation, token counts, batching invariance."""
 
-import copy
 import dataclasses
 
 import pytest
@@ -9,6 +8,7 @@ import torch
 from models import EngineInputError, Qwen3Reranker
 from models.checkpoints import build_checkpoint
 from models.reranker import DEFAULT_INSTRUCTION
+from tests.helpers import engine_variant
 from tests.reference import ModelCardReranker
 from tests.texts import DOCUMENTS, LONG_DOCUMENT, QUERIES
 
@@ -72,7 +72,7 @@ def test_custom_instruction_matches_model_card(engine, reference, instruction):
 
 
 def test_truncation_matches_model_card_at_short_max_length(tiny_reranker_path, engine):
-    short = _variant(engine, max_length=SHORT_MAX_LENGTH)
+    short = engine_variant(engine, max_length=SHORT_MAX_LENGTH)
     reference = ModelCardReranker(str(tiny_reranker_path), max_length=SHORT_MAX_LENGTH)
     documents = DOCUMENTS + [LONG_DOCUMENT, DOCUMENTS[1] * 4]
     for query in QUERIES[:3]:
@@ -111,14 +111,6 @@ def test_empty_documents_list_is_an_input_error(engine):
         engine.tokenize("q", [])
 
 
-def _variant(engine, **changes):
-    """The same engine (same weights) with other settings: engines keep settings as plain attributes."""
-    variant = copy.copy(engine)
-    for name, value in changes.items():
-        assert hasattr(variant, name), name
-        setattr(variant, name, value)
-    return variant
-
 
 @pytest.mark.parametrize("changes", [
     {"token_budget": 64},
@@ -131,12 +123,12 @@ def _variant(engine, **changes):
 def test_scores_do_not_depend_on_batching(engine, changes):
     documents = DOCUMENTS + [LONG_DOCUMENT, DOCUMENTS[1] * 3]
     baseline = engine.rerank(QUERIES[1], documents).scores
-    variant = _variant(engine, **changes)
+    variant = engine_variant(engine, **changes)
     assert max_abs_diff(variant.rerank(QUERIES[1], documents).scores, baseline) <= 1e-6
 
 
 def test_packed_sequences_match_padded(engine):
-    packed = _variant(engine, reuse_query_prefix=False)
+    packed = engine_variant(engine, reuse_query_prefix=False)
     packed.runtime = dataclasses.replace(engine.runtime, pack_sequences=True)
     documents = DOCUMENTS
     assert max_abs_diff(packed.rerank(QUERIES[0], documents).scores,
