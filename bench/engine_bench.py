@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from models import Qwen3Embedder, Qwen3Reranker  # noqa: E402
+from models.base import resolve_runtime  # noqa: E402
 from models.checkpoints import build_checkpoint, checkpoint_name  # noqa: E402
 from tests.reference import ModelCardEmbedder, ModelCardReranker  # noqa: E402
 
@@ -115,50 +116,49 @@ def timed(fn, device, repeats: int, warmup: bool = True) -> tuple[float, object]
 
 # ---- benchmarks ----------------------------------------------------------------------------------------
 
-def bench_rerank(path: Path, args, peak: float) -> dict:
-    documents = make_texts(32, 50, 450, seed=1)
-    engine = Qwen3Reranker.from_pretrained(str(path), device=args.device, dtype=args.dtype)
-    device, config = engine.runtime.device, engine.backbone.config
-    job = engine.tokenize(QUERY, documents)
-    useful = layer_flops(config, len(job.head_ids)) + sum(
-        layer_flops(config, len(tail), context_start=len(job.head_ids)) for tail in job.tail_ids)
-    ours_s, ours = timed(lambda: engine.rerank(QUERY, documents), device, args.repeats)
-    row = {"workload": "rerank 1x32", "tokens": job.num_tokens, "ours_s": ours_s, "useful_tflop": useful / 1e12,
-           "floor_s": useful / peak, "items_per_s": len(documents) / ours_s}
-    del engine
+def measure(name: str, engine, items: list[str], job, useful_flops: float, run_ours, make_reference,
+            run_reference, max_abs_diff, args, peak: float) -> dict:
+    """Time our engine, free it, then time the model card's code on the same items (unless skipped)."""
+    device = engine.runtime.device
+    ours_s, ours = timed(run_ours, device, args.repeats)
+    row = {"workload": name, "tokens": job.num_tokens, "ours_s": ours_s, "floor_s": useful_flops / peak,
+           "items_per_s": len(items) / ours_s}
+    del engine, run_ours
     gc.collect()
     if not args.skip_reference:
-        reference = ModelCardReranker(str(path))
+        reference = make_reference()
         reference.model.to(device)
-        # Chunks of 8 pairs: all 32 at once need ~13 GB of logits and were OOM-killed on a 24 GB machine.
         # One run, no warm-up on CPU: it takes minutes there, and one-time costs are milliseconds.
-        ref_s, expected = timed(lambda: reference.scores(QUERY, documents, batch_size=8), device, 1, warmup=device.type == "cuda")
-        row.update(reference_s=ref_s, max_abs_diff=max(abs(a - b) for a, b in zip(ours.scores, expected)))
+        ref_s, expected = timed(lambda: run_reference(reference), device, 1, warmup=device.type == "cuda")
+        row.update(reference_s=ref_s, max_abs_diff=max_abs_diff(ours, expected))
         del reference
         gc.collect()
     return row
+
+
+def bench_rerank(path: Path, args, peak: float) -> dict:
+    documents = make_texts(32, 50, 450, seed=1)
+    engine = Qwen3Reranker.from_pretrained(str(path), device=args.device, dtype=args.dtype)
+    config = engine.backbone.config
+    job = engine.tokenize(QUERY, documents)
+    useful = layer_flops(config, len(job.head_ids)) + sum(
+        layer_flops(config, len(tail), context_start=len(job.head_ids)) for tail in job.tail_ids)
+    # Reference in chunks of 8 pairs: all 32 at once need ~13 GB of logits and were OOM-killed at 24 GB.
+    return measure("rerank 1x32", engine, documents, job, useful, lambda: engine.rerank(QUERY, documents),
+                   lambda: ModelCardReranker(str(path)),
+                   lambda reference: reference.scores(QUERY, documents, batch_size=8),
+                   lambda ours, expected: max(abs(a - b) for a, b in zip(ours.scores, expected)), args, peak)
 
 
 def bench_embed(path: Path, args, peak: float) -> dict:
     texts = make_texts(64, 5, 250, seed=2)
     engine = Qwen3Embedder.from_pretrained(str(path), device=args.device, dtype=args.dtype)
-    device, config = engine.runtime.device, engine.backbone.config
     job = engine.tokenize(texts)
-    useful = sum(layer_flops(config, n) for n in job.token_counts)
-    ours_s, ours = timed(lambda: engine.embed(texts), device, args.repeats)
-    row = {"workload": "embed 64", "tokens": job.num_tokens, "ours_s": ours_s, "useful_tflop": useful / 1e12,
-           "floor_s": useful / peak, "items_per_s": len(texts) / ours_s}
-    del engine
-    gc.collect()
-    if not args.skip_reference:
-        reference = ModelCardEmbedder(str(path))
-        reference.model.to(device)
-        ref_s, expected = timed(lambda: reference.embeddings(texts), device, 1, warmup=device.type == "cuda")
-        row.update(reference_s=ref_s,
-                   max_abs_diff=float((torch.from_numpy(ours.embeddings) - expected.cpu()).abs().max()))
-        del reference
-        gc.collect()
-    return row
+    useful = sum(layer_flops(engine.backbone.config, n) for n in job.token_counts)
+    return measure("embed 64", engine, texts, job, useful, lambda: engine.embed(texts),
+                   lambda: ModelCardEmbedder(str(path)), lambda reference: reference.embeddings(texts),
+                   lambda ours, expected: float((torch.from_numpy(ours.embeddings) - expected.cpu()).abs().max()),
+                   args, peak)
 
 
 def main() -> None:
@@ -174,9 +174,8 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.float32 if device.type == "cpu" and args.dtype == "auto" else torch.bfloat16 \
-        if args.dtype == "auto" else getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}.get(args.dtype, args.dtype))
+    runtime = resolve_runtime(args.device, args.dtype)  # the engines resolve "auto" the same way
+    device, dtype = runtime.device, runtime.dtype
     peak = matmul_peak_flops(device, dtype)
     print(f"# shape {args.shape} layers {args.layers or 'all'} | device {device} {dtype} | "
           f"torch {torch.__version__} threads {torch.get_num_threads()} | matmul peak {peak / 1e9:.0f} GFLOP/s")

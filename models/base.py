@@ -42,8 +42,8 @@ class Runtime:
     @property
     def default_token_budget(self) -> int:
         # CPU: small micro-batches keep the memory-bound steps (norms, RoPE, SiLU, residuals) in cache; on the
-        # 2-core machine 1024 slots were fastest of 256..16384 (shape-true 0.6B layers: 1.43x the FLOP floor
-        # at 1024, 1.85x at 4096, 2.87x at 16384). GPU: large batches fill the SMs; 32k slots of a 0.6B
+        # 2-core machine 1024 slots were fastest of 256..16384 (shape-true 0.6B layers: 1.34-1.43x the FLOP
+        # floor at 1024, 1.49-1.85x at 4096, 2.87x at 16384; BENCHMARKS.md). GPU: large batches fill the SMs; 32k slots of a 0.6B
         # model take well under 1 GiB of activations.
         return 32768 if self.device.type == "cuda" else 1024
 
