@@ -111,6 +111,20 @@ def shared_prefix_cache(prefix_cache: Cache) -> Cache:
     return Cache(layers=[_SharedPrefixLayer(layer.keys, layer.values) for layer in prefix_cache.layers])
 
 
+@dataclass
+class WorkCounters:
+    """Cumulative forward-pass work of an engine. real_tokens / computed_slots is the padding efficiency."""
+
+    real_tokens: int = 0
+    computed_slots: int = 0
+    micro_batches: int = 0
+
+    def add(self, lengths: list[int], packed: bool) -> None:
+        self.real_tokens += sum(lengths)
+        self.computed_slots += sum(lengths) if packed else len(lengths) * max(lengths)
+        self.micro_batches += 1
+
+
 class Qwen3Engine:
     """Holds a Qwen3 backbone (`Qwen3Model`, final norm included) and runs token sequences through it."""
 
@@ -133,6 +147,8 @@ class Qwen3Engine:
         # Padding value for right-padded batches; padded positions are never attended to by real tokens
         # (causal attention), and never read, so any valid id works.
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # Running totals for serving metrics: real tokens vs token slots computed (padding included).
+        self.work = WorkCounters()
 
     @classmethod
     def from_pretrained(cls, source: str, *, revision: str | None = None, device: str = "auto",
@@ -173,10 +189,9 @@ class Qwen3Engine:
         lengths = [len(s) for s in sequences]
         for group in plan_micro_batches(lengths, self.token_budget, self.max_batch_items):
             batch = [sequences[i] for i in group]
-            if prefix is None and self.runtime.pack_sequences:
-                states = self._forward_packed(batch)
-            else:
-                states = self._forward_padded(batch, prefix)
+            packed = prefix is None and self.runtime.pack_sequences
+            states = self._forward_packed(batch) if packed else self._forward_padded(batch, prefix)
+            self.work.add([len(seq) for seq in batch], packed)
             out[torch.tensor(group, device=out.device)] = states.float()
         return out
 
@@ -215,4 +230,5 @@ class Qwen3Engine:
         """Run a shared prefix once and keep its keys/values for the sequences that continue it."""
         ids = torch.tensor([prefix_ids], dtype=torch.long, device=self.runtime.device)
         cache = self.backbone(input_ids=ids, use_cache=True).past_key_values
+        self.work.add([len(prefix_ids)], packed=True)
         return shared_prefix_cache(cache)

@@ -55,6 +55,8 @@ class RerankJob:
 class RerankResult:
     scores: list[float]  # P(yes) per document, in input order
     token_counts: list[int]
+    # logit(P(yes)) = (W[yes] - W[no]) . h_last, kept exact for clients that ask for raw scores (TEI).
+    logits: list[float]
 
 
 class Qwen3Reranker(Qwen3Engine):
@@ -92,8 +94,9 @@ class Qwen3Reranker(Qwen3Engine):
     # ---- tokenize --------------------------------------------------------------------------------------
 
     def tokenize(self, query: str, documents: list[str], instruction: str | None = None,
-                 max_tokens_per_doc: int | None = None) -> RerankJob:
-        """Build the official prompts. Only documents are truncated (from the right), as in the model card."""
+                 max_tokens_per_doc: int | None = None, truncate: bool = True) -> RerankJob:
+        """Build the official prompts. Only documents are truncated (from the right), as in the model card;
+        with `truncate=False` a document that does not fit max_length is refused instead."""
         if not documents:
             raise EngineInputError("documents must contain at least one document", param="documents")
         if max_tokens_per_doc is not None and max_tokens_per_doc < 1:
@@ -110,6 +113,13 @@ class Qwen3Reranker(Qwen3Engine):
             # The cap counts the document's own tokens, after the "<Document>:" marker.
             room = min(room, self._min_document_tokens + max_tokens_per_doc)
         encoded = self.tokenizer([document_text(d) for d in documents], add_special_tokens=False)["input_ids"]
+        if not truncate:
+            for position, ids in enumerate(encoded):
+                if len(ids) > room:
+                    raise EngineInputError(
+                        f"document {position} takes {len(ids)} tokens, more than the {room} that fit in "
+                        f"max_length {self.max_length} with this query; shorten it or allow truncation",
+                        param="documents")
         tails = [ids[:room] + self.suffix_ids for ids in encoded]
         return RerankJob(head_ids=head_ids, tail_ids=tails)
 
@@ -118,28 +128,29 @@ class Qwen3Reranker(Qwen3Engine):
     def run(self, jobs: list[RerankJob]) -> list[RerankResult]:
         """Score many requests at once. Multi-document requests reuse their query head's KV; single-document
         requests are pooled across jobs into shared micro-batches."""
-        scores: list[torch.Tensor | None] = [None] * len(jobs)
+        logits: list[torch.Tensor | None] = [None] * len(jobs)
         pooled_jobs = []
         for index, job in enumerate(jobs):
             if self.reuse_query_prefix and len(job.tail_ids) > 1:
                 prefix = self.prefix_cache(job.head_ids)
-                scores[index] = self._score(self.last_token_states(job.tail_ids, prefix=prefix))
+                logits[index] = self._logits(self.last_token_states(job.tail_ids, prefix=prefix))
             else:
                 pooled_jobs.append(index)
         if pooled_jobs:
             sequences = [jobs[i].head_ids + tail for i in pooled_jobs for tail in jobs[i].tail_ids]
-            pooled = self._score(self.last_token_states(sequences))
+            pooled = self._logits(self.last_token_states(sequences))
             start = 0
             for index in pooled_jobs:
                 count = len(jobs[index].tail_ids)
-                scores[index] = pooled[start:start + count]
+                logits[index] = pooled[start:start + count]
                 start += count
-        return [RerankResult(scores=s.tolist(), token_counts=job.token_counts) for s, job in zip(scores, jobs)]
+        return [RerankResult(scores=torch.sigmoid(raw).tolist(), token_counts=job.token_counts, logits=raw.tolist())
+                for raw, job in zip(logits, jobs)]
 
-    def _score(self, last_states: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(last_states @ self.score_direction).cpu()
+    def _logits(self, last_states: torch.Tensor) -> torch.Tensor:
+        return (last_states @ self.score_direction).cpu()
 
     def rerank(self, query: str, documents: list[str], instruction: str | None = None,
-               max_tokens_per_doc: int | None = None) -> RerankResult:
+               max_tokens_per_doc: int | None = None, truncate: bool = True) -> RerankResult:
         """Convenience: tokenize and run one request."""
-        return self.run([self.tokenize(query, documents, instruction, max_tokens_per_doc)])[0]
+        return self.run([self.tokenize(query, documents, instruction, max_tokens_per_doc, truncate)])[0]

@@ -106,6 +106,23 @@ def test_max_tokens_per_doc_caps_each_document(engine):
     assert job.tail_ids[1] == engine.tokenize(QUERIES[0], ["tiny doc"]).tail_ids[0]
 
 
+def test_truncate_false_refuses_a_document_that_does_not_fit(engine):
+    with pytest.raises(EngineInputError) as error:
+        engine.tokenize(QUERIES[0], [DOCUMENTS[0], LONG_DOCUMENT], truncate=False)
+    assert error.value.param == "documents" and "document 1" in str(error.value)
+    fitting = engine.tokenize(QUERIES[0], DOCUMENTS, truncate=False)
+    assert fitting.token_counts == engine.tokenize(QUERIES[0], DOCUMENTS).token_counts
+
+
+def test_logits_are_the_raw_scores_behind_the_probabilities(engine, reference):
+    # TEI's raw_scores: logit(P(yes)) = log P(yes) - log P(no) of the model card's two-way softmax.
+    result = engine.rerank(QUERIES[1], DOCUMENTS)
+    expected = [torch.logit(torch.tensor(p, dtype=torch.float64)).item()
+                for p in reference.scores(QUERIES[1], DOCUMENTS)]
+    assert max_abs_diff(result.logits, expected) <= 1e-4
+    assert max_abs_diff(torch.sigmoid(torch.tensor(result.logits)).tolist(), result.scores) <= 1e-7
+
+
 def test_empty_documents_list_is_an_input_error(engine):
     with pytest.raises(EngineInputError):
         engine.tokenize("q", [])
