@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test checkpoints bench bench-quick clean
+CONFIG ?= configs/local.yaml
+
+.PHONY: test serve checkpoints bench bench-quick bench-serve clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +17,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 test: $(VENV)/.installed  ## set up, then run the whole test suite
 	$(PY) -m pytest -q
 
+serve: $(VENV)/.installed  ## set up, then serve CONFIG (default configs/local.yaml; offline: CONFIG=configs/tiny.yaml)
+	$(VENV)/bin/python -m serve_app.config $(CONFIG)
+	$(VENV)/bin/serve run $(CONFIG)
+
 checkpoints: $(VENV)/.installed  ## tiny offline reranker + embedder checkpoints in checkpoints/
 	$(PY) -m models.checkpoints --out checkpoints
 
@@ -23,6 +29,9 @@ bench-quick: $(VENV)/.installed  ## engine benchmark on the tiny models (no refe
 
 bench: $(VENV)/.installed  ## engine benchmark, shape-true 0.6B vs the model cards' code: minutes on CPU
 	$(PY) bench/engine_bench.py --shape 0.6b --repeats 1
+
+bench-serve: $(VENV)/.installed  ## HTTP vs in-process, shape-true 0.6B widths, 4 layers: minutes on CPU
+	$(PY) bench/serve_bench.py
 
 clean:
 	rm -rf $(VENV) checkpoints

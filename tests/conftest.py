@@ -22,3 +22,66 @@ def tiny_reranker_path() -> Path:
 @pytest.fixture(scope="session")
 def tiny_embedder_path() -> Path:
     return build_checkpoint(CHECKPOINTS / checkpoint_name("embed", "tiny"), "embed", "tiny")
+
+
+@pytest.fixture(scope="session")
+def key_database(tmp_path_factory) -> str:
+    """The SQLite database of the served app's API keys."""
+    return f"sqlite:///{tmp_path_factory.mktemp('db') / 'serve.db'}"
+
+
+@pytest.fixture(scope="session")
+def key_store(key_database):
+    from serve_app.store import KeyStore, connect
+
+    return KeyStore(connect(key_database))
+
+
+@pytest.fixture(scope="session")
+def api_key(key_store) -> str:
+    """A valid key of the served app."""
+    return key_store.create("tests")[1]
+
+
+@pytest.fixture(scope="session")
+def serve_config(tiny_reranker_path, tiny_embedder_path, key_database):
+    """configs/tiny.yaml as the HTTP tests deploy it (tests.serving.tiny_test_config)."""
+    from tests.serving import free_port, tiny_test_config
+
+    return tiny_test_config(free_port(), tiny_reranker_path, tiny_embedder_path, key_database)
+
+
+@pytest.fixture(scope="session")
+def served(serve_config, api_key):
+    """A real Ray Serve instance on 127.0.0.1 with the test config deployed; shut down after the session."""
+    from tests.serving import ServeInstance
+
+    instance = ServeInstance.start_on(serve_config["http_options"]["port"])
+    instance.headers = {"Authorization": f"Bearer {api_key}"}
+    try:
+        instance.deploy(serve_config)
+        yield instance
+    finally:
+        instance.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL server (tests/postgres.py), stopped after the session."""
+    from tests.postgres import PostgresServer, available
+
+    if not available():
+        pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) are required for the ledger and key tests")
+    server = PostgresServer().start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """Each store test runs on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return request.getfixturevalue("postgres_url")

@@ -1,0 +1,333 @@
+"""The validated configuration of the service: one schema for the whole Serve config file.
+
+A config file (configs/*.yaml) is a Ray Serve config that `serve run` / `serve deploy` accept as is. It holds
+one Serve *application per model* plus one *gateway* application (the HTTP ingress):
+
+    applications:
+      - name: gateway                       # HTTP: auth, routes, model lookup
+        route_prefix: /
+        import_path: serve_app.app:gateway_app
+        args: {...}                          # GatewayConfig
+      - name: qwen3-reranker-0.6b           # no HTTP route: reached through the gateway only
+        route_prefix: null
+        import_path: serve_app.app:model_app
+        args: {...}                          # ModelConfig
+
+Why one application per model: Ray Serve restarts every deployment of an application whose `args` change
+(design.md section 6). With one model per application, adding, removing or changing a model restarts that model
+only; the gateway finds models at run time (serve_app/directory.py), so its args never list them.
+
+Serve silently drops misspelled deployment options, so this module validates the *whole* file with
+`extra="forbid"` everywhere: `python -m serve_app.config configs/prod.yaml` checks a file, and every builder
+validates its own `args` again when Serve imports it. Errors name the bad key, e.g.
+`applications.1.args.batching.token_budgt: Extra inputs are not permitted`.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MODEL_IMPORT_PATH = "serve_app.app:model_app"
+GATEWAY_IMPORT_PATH = "serve_app.app:gateway_app"
+# The deployment class name inside every model application; the gateway discovers models by it.
+MODEL_DEPLOYMENT_NAME = "ModelServer"
+GATEWAY_DEPLOYMENT_NAME = "Gateway"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BatchingConfig(Strict):
+    """How requests are gathered (Serve queue) and cut into forward passes (engine micro-batches).
+
+    Lives in the deployment's `user_config`: changing it reconfigures running replicas without a restart.
+    """
+
+    # Padded token slots per forward micro-batch (B x T_max). None: the engine's measured default for its
+    # device (1024 on CPU, 32768 on CUDA; BENCHMARKS.md).
+    token_budget: int | None = Field(default=None, ge=64)
+    # Most sequences in one forward micro-batch.
+    max_items: int = Field(default=64, ge=1)
+    # Tokens gathered from concurrent requests into one engine call (the @serve.batch budget, counted with
+    # batch_size_fn). A single request larger than this still runs, alone.
+    max_batch_tokens: int = Field(default=65536, ge=256)
+    # How long the first request of a batch waits for company. Small: on an idle replica it is pure latency.
+    max_wait_ms: float = Field(default=2.0, ge=0, le=1000)
+
+
+class AutoscalingConfig(Strict):
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=4, ge=1)
+    initial_replicas: int | None = Field(default=None, ge=0)
+    # In-flight requests per replica that Serve steers towards. Model replicas batch, so a few queued
+    # requests are what keeps batches full.
+    target_ongoing_requests: float = Field(default=8, gt=0)
+    upscale_delay_s: float = Field(default=10, ge=0)
+    downscale_delay_s: float = Field(default=300, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
+class DeploymentOptions(Strict):
+    """Ray Serve options of one deployment. Either a fixed `num_replicas` or `autoscaling`."""
+
+    num_replicas: int | None = Field(default=None, ge=1)
+    autoscaling: AutoscalingConfig | None = None
+    num_cpus: float = Field(default=1, ge=0)
+    # Fractions share a GPU between models (prod.yaml sizes them from each model's memory).
+    num_gpus: float = Field(default=0, ge=0)
+    memory_gib: float | None = Field(default=None, gt=0)
+    max_ongoing_requests: int = Field(default=32, ge=1)
+    # Requests waiting in each caller's queue before Serve answers 503/429; -1 = unbounded.
+    max_queued_requests: int = Field(default=256, ge=-1)
+    health_check_period_s: float = Field(default=10, gt=0)
+    health_check_timeout_s: float = Field(default=30, gt=0)
+    graceful_shutdown_timeout_s: float = Field(default=20, ge=0)
+    # Start-up failures (weights missing, hub unreachable) rarely heal by retrying: fail the deploy after a few
+    # tries so `serve run` stops and shows the error, instead of Serve's 20.
+    max_constructor_retries: int = Field(default=3, ge=1)
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> "DeploymentOptions":
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("set either num_replicas or autoscaling, not both")
+        return self
+
+    def serve_options(self) -> dict[str, Any]:
+        """The keyword arguments of `Deployment.options()`."""
+        actor_options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.memory_gib is not None:
+            actor_options["memory"] = int(self.memory_gib * 2**30)
+        options: dict[str, Any] = {
+            "ray_actor_options": actor_options,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "max_constructor_retry_count": self.max_constructor_retries,
+        }
+        if self.autoscaling is not None:
+            options["autoscaling_config"] = self.autoscaling.model_dump(exclude_none=True)
+        else:
+            options["num_replicas"] = self.num_replicas or 1
+        return options
+
+
+class ModelConfig(Strict):
+    """One served model: the args of a `serve_app.app:model_app` application."""
+
+    # The name clients put in `model`; aliases resolve to the same model (e.g. the hub id).
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[\w.:/-]+$")
+    aliases: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(default_factory=list)
+    task: Literal["rerank", "embed"]
+    # A hub repo id ("Qwen/Qwen3-Reranker-0.6B") or a local directory. Local paths start with "/", "./",
+    # "../" or "~" so that the two can never be confused.
+    source: str
+    revision: str | None = None
+    # Build a random-weight offline checkpoint at `source` when it is missing (tiny.yaml: CI and trying the
+    # API without downloads). Only for local paths.
+    build_offline: Literal["tiny"] | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_length: int = Field(default=8192, ge=16, le=32768)
+    # torch threads of the replica. None: the replica's num_cpus (at least 1), as Ray intends.
+    cpu_threads: int | None = Field(default=None, ge=1)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    @field_validator("source")
+    @classmethod
+    def _source_kind(cls, source: str) -> str:
+        if not (is_local_path(source) or _HUB_ID.match(source)):
+            raise ValueError(f"{source!r} is neither a hub repo id (org/name) nor a local path "
+                             "(start local paths with '/', './', '../' or '~')")
+        return source
+
+    @model_validator(mode="after")
+    def _offline_needs_local_path(self) -> "ModelConfig":
+        if self.build_offline and not is_local_path(self.source):
+            raise ValueError("build_offline needs a local path as source")
+        return self
+
+    @property
+    def served_names(self) -> list[str]:
+        return [self.name, *self.aliases]
+
+
+class AuthConfig(Strict):
+    # Off only for trying things out (configs/tiny.yaml); the gateway says so at start-up.
+    enabled: bool = True
+    # How often each gateway replica reloads the active keys: a revoked key stops working within this.
+    key_refresh_s: float = Field(default=2.0, gt=0, le=60)
+
+
+class GatewayConfig(Strict):
+    """The ingress: the args of the `serve_app.app:gateway_app` application."""
+
+    # API keys (and the usage ledger): SQLite for one machine, PostgreSQL for a cluster. $QWEN3_SERVE_DB overrides
+    # it (keeps passwords out of config files). A relative SQLite path is under the project root.
+    database_url: str = "sqlite:///var/qwen3-serve.db"
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+
+    deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(
+        num_cpus=0.5, max_ongoing_requests=256, max_queued_requests=1024))
+    # Request limits: past them clients get 413 with the limit in the message.
+    max_body_bytes: int = Field(default=32 * 2**20, ge=1024)
+    max_embedding_inputs: int = Field(default=2048, ge=1)
+    max_rerank_documents: int = Field(default=1000, ge=1)
+    # How often the gateway refreshes its model table from the Serve controller (a miss refreshes at once).
+    model_refresh_s: float = Field(default=2.0, gt=0)
+    # Seconds a client is told to wait (Retry-After) when a model is overloaded.
+    retry_after_s: int = Field(default=1, ge=0)
+
+
+# ---- the whole Serve config file ---------------------------------------------------------------------------
+
+class DeploymentOverride(Strict):
+    """A `deployments:` entry of an application. Only user_config is meant to change here (batching without a
+    restart); everything else belongs in the model's `deployment` args, where it is validated."""
+
+    name: str
+    user_config: BatchingConfig | None = None
+
+
+class ModelApplication(Strict):
+    name: str
+    route_prefix: None = None
+    import_path: Literal["serve_app.app:model_app"]
+    args: ModelConfig
+    deployments: list[DeploymentOverride] = Field(default_factory=list)
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+    logging_config: dict[str, Any] | None = None  # Serve's own (log level, access log), checked by Serve
+
+    @model_validator(mode="after")
+    def _named_after_model(self) -> "ModelApplication":
+        if self.name != self.args.name:
+            raise ValueError(f"application name {self.name!r} must equal its model's name {self.args.name!r}")
+        for override in self.deployments:
+            if override.name != MODEL_DEPLOYMENT_NAME:
+                raise ValueError(f"deployment {override.name!r} does not exist; the model deployment is "
+                                 f"{MODEL_DEPLOYMENT_NAME!r}")
+        return self
+
+
+class GatewayApplication(Strict):
+    name: str = "gateway"
+    route_prefix: str = "/"
+    import_path: Literal["serve_app.app:gateway_app"]
+    args: GatewayConfig = Field(default_factory=GatewayConfig)
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+    logging_config: dict[str, Any] | None = None
+
+
+def _application_kind(raw: Any) -> str:
+    if isinstance(raw, dict) and raw.get("import_path") == GATEWAY_IMPORT_PATH:
+        return "gateway"
+    return "model"
+
+
+class HTTPOptions(Strict):
+    host: str = "0.0.0.0"
+    port: int = Field(default=8000, ge=1, le=65535)
+    request_timeout_s: float | None = Field(default=None, gt=0)
+    keep_alive_timeout_s: float | None = Field(default=None, gt=0)
+
+
+class ServeConfigFile(Strict):
+    """A configs/*.yaml file: Serve's own top-level keys plus our applications."""
+
+    proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = "EveryNode"
+    http_options: HTTPOptions = Field(default_factory=HTTPOptions)
+    logging_config: dict[str, Any] | None = None
+    applications: list[dict[str, Any]]
+
+    @model_validator(mode="after")
+    def _applications(self) -> "ServeConfigFile":
+        errors: list[str] = []
+        gateways, names = 0, {}
+        for position, raw in enumerate(self.applications):
+            kind = ModelApplication if _application_kind(raw) == "model" else GatewayApplication
+            try:
+                app = kind.model_validate(raw)
+            except ValidationError as exc:
+                errors.extend(f"applications.{position}.{line}" for line in format_errors(exc))
+                continue
+            if isinstance(app, GatewayApplication):
+                gateways += 1
+                continue
+            for served in app.args.served_names:
+                if served in names:
+                    errors.append(f"applications.{position}.args: model name {served!r} is already used by "
+                                  f"application {names[served]!r}")
+                names[served] = app.name
+        if gateways != 1:
+            errors.append(f"applications: exactly one gateway application ({GATEWAY_IMPORT_PATH}) is needed, "
+                          f"found {gateways}")
+        if errors:
+            raise ValueError("\n".join(errors))
+        return self
+
+    def model_configs(self) -> list[ModelConfig]:
+        return [ModelConfig.model_validate(raw["args"]) for raw in self.applications
+                if _application_kind(raw) == "model"]
+
+    def gateway_config(self) -> GatewayConfig:
+        raw = next(raw for raw in self.applications if _application_kind(raw) == "gateway")
+        return GatewayConfig.model_validate(raw.get("args") or {})
+
+
+def is_local_path(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~"))
+
+
+def format_errors(exc: ValidationError) -> list[str]:
+    """Pydantic errors as `dotted.key: message` lines."""
+    return [f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in exc.errors()]
+
+
+def validate_args(schema: type[Strict], args: dict[str, Any] | None, what: str) -> Strict:
+    """Validate an application's args; raise a ValueError that names every bad key (Serve shows it)."""
+    try:
+        return schema.model_validate(args or {})
+    except ValidationError as exc:
+        raise ValueError(f"invalid {what} config:\n  " + "\n  ".join(format_errors(exc))) from None
+
+
+def load_config_file(path: str | Path) -> ServeConfigFile:
+    raw = yaml.safe_load(Path(path).read_text())
+    try:
+        return ServeConfigFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ValueError(f"{path}: invalid config:\n  " + "\n  ".join(format_errors(exc))) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m serve_app.config FILE...`: check config files before deploying them."""
+    status = 0
+    for path in (argv if argv is not None else sys.argv[1:]):
+        try:
+            config = load_config_file(path)
+        except (ValueError, OSError) as exc:
+            print(exc, file=sys.stderr)
+            status = 1
+            continue
+        print(f"{path}: ok ({', '.join(m.name for m in config.model_configs())})")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

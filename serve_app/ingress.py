@@ -1,0 +1,380 @@
+"""The gateway: HTTP routes -> model lookup -> one handle call -> response shaping. No torch here.
+
+Routes (design.md section 5):
+    POST /v1/embeddings, /embeddings            OpenAI embeddings
+    POST /v1/rerank, /v2/rerank, /rerank        Cohere v2 / Jina / vLLM rerank; TEI's body on /rerank
+    GET  /v1/models, /v1/models/{id}            OpenAI model objects
+    GET  /health                                liveness, no auth
+
+Every error leaves as {"error": {"message", "type", "param", "code"}} with the status of its kind
+(serve_app/errors.py); client mistakes are 4xx, never 5xx.
+"""
+
+import asyncio
+import base64
+import json
+import logging
+import math
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve_app import protocol
+from serve_app.auth import OPEN_PATHS, KeyGuard
+from serve_app.config import GATEWAY_DEPLOYMENT_NAME, GatewayConfig
+from serve_app.directory import ModelDirectory, ModelEntry
+from serve_app.errors import (InternalError, InvalidRequest, MethodNotAllowed, ModelNotFound, ModelUnavailable,
+                              NotFound, Overloaded, PayloadTooLarge, RateLimited, ServingError)
+from serve_app.metrics import GatewayMetrics
+from serve_app.ratelimit import limiter_handle
+from serve_app.store import KeyStore, connect, database_url
+
+logger = logging.getLogger("ray.serve")
+
+# How often a request waiting on a model checks that the model is still deployed (see _await_while_served).
+REMOVAL_CHECK_S = 1.0
+
+# Cohere bills one search unit per query with up to 100 documents.
+DOCUMENTS_PER_SEARCH_UNIT = 100
+
+api = FastAPI(title="qwen3-serve", version="0.1.0",
+              description="Qwen3-Reranker and Qwen3-Embedding behind OpenAI, Cohere, Jina and TEI routes.")
+
+
+# ---- errors: one place turns every failure into the OpenAI error body ----------------------------------------
+
+def error_response(error: ServingError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def validation_error(exc: ValidationError | RequestValidationError) -> InvalidRequest:
+    first = exc.errors()[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # Drop pydantic's union-member tags ("str", "list[int]", ...) so param names the field a client sent.
+    location = [part for part in location if not any(ch in part for ch in "[]") and part not in
+                ("str", "int", "DocumentObject", "constrained-str")]
+    param = ".".join(location) or None
+    message = f"{param}: {first['msg']}" if param else first["msg"]
+    if len(exc.errors()) > 1:
+        message += f" (and {len(exc.errors()) - 1} more problems)"
+    return InvalidRequest(message, param=param)
+
+
+@api.exception_handler(ServingError)
+async def _serving_error(_: Request, exc: ServingError) -> JSONResponse:
+    return error_response(exc)
+
+
+@api.exception_handler(RequestValidationError)
+async def _request_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(validation_error(exc))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 404:
+        return error_response(NotFound(f"no route {request.method} {request.url.path}"))
+    if exc.status_code == 405:
+        return error_response(MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}"))
+    kind = InvalidRequest if exc.status_code < 500 else InternalError
+    error = kind(str(exc.detail))
+    error.status = exc.status_code
+    return error_response(error)
+
+
+@api.exception_handler(Exception)
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("gateway: unexpected error on %s %s", request.method, request.url.path)
+    return error_response(InternalError("internal error; the request was not completed"))
+
+
+@api.middleware("http")
+async def _measure(request: Request, call_next):
+    """Outermost: every answer, 401s and 413s included, is counted with its status and latency."""
+    started = time.perf_counter()
+    response = await _authenticate_and_limit(request, call_next)
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.request(getattr(request.state, "model", "-"), route_label(request), response.status_code,
+                        time.perf_counter() - started)
+    return response
+
+
+async def _authenticate_and_limit(request: Request, call_next):
+    guard = getattr(request.app.state, "key_guard", None)
+    if guard is not None and request.url.path not in OPEN_PATHS:
+        try:
+            request.state.api_key = await guard.authenticate(request.headers.get("authorization"))
+            await enforce_rate_limits(request, request.state.api_key)
+        except ServingError as error:
+            return error_response(error)
+    limit = body_limit(request)
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return error_response(PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}"))
+    return await call_next(request)
+
+
+async def enforce_rate_limits(request: Request, key) -> None:
+    if not (key.requests_per_minute or key.tokens_per_minute):
+        return
+    try:
+        admitted, retry_after, which = await request.app.state.limiter.admit.remote(
+            key.id, key.requests_per_minute, key.tokens_per_minute)
+    except Exception:  # noqa: BLE001 - a limiter outage must not take the API down: fail open, loudly
+        logger.exception("gateway: rate limiter unavailable; request admitted without a limit check")
+        return
+    if not admitted:
+        raise RateLimited(f"rate limit reached for this key ({which}); retry in {retry_after} s",
+                          headers={"Retry-After": str(retry_after)})
+
+
+def route_label(request: Request) -> str:
+    """The matched route's template (bounded), never the raw path."""
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
+
+
+def record_served(request: Request, model: str, tokens: int, documents: int) -> None:
+    key = getattr(request.state, "api_key", None)
+    if key is not None and key.tokens_per_minute:
+        request.app.state.limiter.charge_tokens.remote(key.id, key.tokens_per_minute, tokens)
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.served(model, route_label(request), tokens, documents)
+
+
+def body_limit(request: Request) -> int:
+    return getattr(request.app.state, "max_body_bytes", GatewayConfig().max_body_bytes)
+
+
+def json_body(*schemas: type) -> dict[str, Any]:
+    """OpenAPI description of a JSON body that a route parses itself (see parse_body)."""
+    described = [schema.model_json_schema(ref_template="#/components/schemas/{model}") for schema in schemas]
+    body = described[0] if len(described) == 1 else {"oneOf": described}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": body}}}}
+
+
+async def read_json(request: Request) -> Any:
+    """The body as JSON whatever the Content-Type says (curl -d sends form encoding; clients vary)."""
+    raw = await request.body()
+    limit = body_limit(request)
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"request body is {len(raw)} bytes; the limit is {limit}")
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise InvalidRequest("request body is not valid JSON") from None
+
+
+def validate(raw: Any, schema: type[BaseModel]) -> Any:
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+async def parse_body(request: Request, schema: type[BaseModel]) -> Any:
+    return validate(await read_json(request), schema)
+
+
+def model_call_error(exc: BaseException, retry_after_s: int) -> ServingError | BaseException:
+    """What a failed handle call means for the client."""
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, ServingError):
+        return exc.cause
+    retry = {"Retry-After": str(retry_after_s)}
+    if isinstance(exc, BackPressureError):
+        return Overloaded("the model's queue is full; retry shortly", headers=retry)
+    if isinstance(exc, (DeploymentUnavailableError, RayActorError)):
+        return ModelUnavailable(f"the model is unavailable ({type(exc).__name__}); retry shortly", headers=retry)
+    return exc
+
+
+def rank(scores: list[float], top_n: int | None) -> list[int]:
+    """Indices by score, best first; ties keep input order."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    return order[:top_n] if top_n is not None else order
+
+
+def model_card(entry: ModelEntry) -> protocol.ModelCard:
+    facts = entry.facts  # what the model replica's describe() returned
+    return protocol.ModelCard(id=entry.name, created=int(entry.deployed_at),
+                              root=facts["source"], task=entry.task, max_model_len=facts["max_length"],
+                              dimensions=facts.get("dimensions"), aliases=list(facts.get("aliases", [])))
+
+
+# ---- the gateway deployment ----------------------------------------------------------------------------------
+
+@serve.deployment(name=GATEWAY_DEPLOYMENT_NAME)
+@serve.ingress(api)
+class Gateway:
+    def __init__(self, config: dict[str, Any] | None = None):
+        self.config = GatewayConfig.model_validate(config or {})
+        api.state.max_body_bytes = self.config.max_body_bytes
+        api.state.metrics = GatewayMetrics()
+        if self.config.auth.enabled:
+            store = KeyStore(connect(database_url(self.config.database_url)))
+            api.state.key_guard = KeyGuard(store, self.config.auth.key_refresh_s)
+            api.state.limiter = limiter_handle()
+        else:
+            api.state.key_guard = None
+            logger.warning("gateway: API-key authentication is OFF (auth.enabled: false): every route is open. "
+                           "Use this only on a trusted machine (configs/tiny.yaml).")
+        self.models = ModelDirectory(self.config.model_refresh_s)
+
+    async def _resolve(self, request: Request, name: str | None, task: str) -> ModelEntry:
+        """The model a request names; no name (TEI's body) means the one model of that task."""
+        entry = await (self.models.resolve(name, task) if name is not None else self.models.only_model(task))
+        request.state.model = entry.name  # metrics label: only served names, never what a client typed
+        return entry
+
+    async def _call(self, entry: ModelEntry, method: str, *args) -> dict[str, Any]:
+        response = getattr(entry.handle, method).remote(*args)
+        try:
+            return await self._await_while_served(entry, response)
+        except RequestCancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified below
+            error = model_call_error(exc, self.config.retry_after_s)
+            if isinstance(error, ServingError):
+                raise error from None
+            raise
+
+    async def _await_while_served(self, entry: ModelEntry, response) -> dict[str, Any]:
+        """The model's answer, unless its application is removed first. A handle to a deleted application
+        waits for replicas that never come, so a request that raced a `serve deploy` removing its model would
+        hang; the directory's refresh notices the removal and the request gets the same 404 as one sent after.
+        """
+        async def answer():
+            return await response
+
+        pending = asyncio.ensure_future(answer())
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=REMOVAL_CHECK_S)
+            if done:
+                return pending.result()
+            if self.models.was_removed(entry):
+                response.cancel()
+                pending.cancel()
+                raise ModelNotFound(f"model {entry.name!r} was removed while this request waited; served "
+                                    f"models: {self.models.names_text()}", param="model")
+
+    # ---- embeddings ---------------------------------------------------------------------------------------
+
+    @api.post("/v1/embeddings", responses={200: {"model": protocol.EmbeddingResponse}},
+              openapi_extra=json_body(protocol.EmbeddingRequest))
+    @api.post("/embeddings", include_in_schema=False)
+    async def embeddings(self, request: Request) -> JSONResponse:
+        body = await parse_body(request, protocol.EmbeddingRequest)
+        inputs = body.inputs()
+        if len(inputs) > self.config.max_embedding_inputs:
+            raise PayloadTooLarge(f"{len(inputs)} inputs; at most {self.config.max_embedding_inputs} per request",
+                                  param="input")
+        entry = await self._resolve(request, body.model, "embed")
+        out = await self._call(entry, "embed", inputs, body.instruction, body.dimensions, body.truncate)
+        vectors: np.ndarray = out["embeddings"]
+        if body.encoding_format == "base64":
+            # Little-endian float32 bytes: exactly what the openai SDK decodes.
+            encoded = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in vectors]
+        else:
+            encoded = vectors.tolist()
+        tokens = sum(out["token_counts"])
+        record_served(request, entry.name, tokens, len(inputs))
+        return JSONResponse({
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(encoded)],
+            "model": entry.name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        })
+
+    # ---- rerank -------------------------------------------------------------------------------------------
+
+    @api.post("/v1/rerank", responses={200: {"model": protocol.RerankResponse}},
+              openapi_extra=json_body(protocol.RerankRequest))
+    @api.post("/v2/rerank", include_in_schema=False)
+    async def rerank(self, request: Request) -> JSONResponse:
+        return await self.rerank_cohere(request, await parse_body(request, protocol.RerankRequest))
+
+    async def rerank_cohere(self, request: Request, body: protocol.RerankRequest) -> JSONResponse:
+        documents = body.document_texts()
+        self._check_document_count(len(documents), "documents")
+        entry = await self._resolve(request, body.model, "rerank")
+        out = await self._call(entry, "rerank", body.query, documents, body.instruction, body.max_tokens_per_doc)
+        ranked = rank(out["scores"], body.top_n)
+        tokens = sum(out["token_counts"])
+        record_served(request, entry.name, tokens, len(documents))
+        results = []
+        for index in ranked:
+            result: dict[str, Any] = {"index": index, "relevance_score": out["scores"][index]}
+            if body.return_documents:
+                result["document"] = {"text": documents[index]}
+            results.append(result)
+        return JSONResponse({
+            "id": f"rerank-{uuid.uuid4().hex}",
+            "model": entry.name,
+            "results": results,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "meta": {"billed_units": {"search_units": math.ceil(len(documents) / DOCUMENTS_PER_SEARCH_UNIT)}},
+        })
+
+    @api.post("/rerank", responses={200: {"model": protocol.RerankResponse}},
+              openapi_extra=json_body(protocol.RerankRequest, protocol.TEIRerankRequest))
+    async def rerank_any(self, request: Request) -> JSONResponse:
+        """Cohere/Jina/vLLM body, or TEI's (`texts` instead of `documents`): told apart by the body."""
+        raw = await read_json(request)
+        is_tei = isinstance(raw, dict) and "texts" in raw and "documents" not in raw
+        body = validate(raw, protocol.TEIRerankRequest if is_tei else protocol.RerankRequest)
+        return await (self.rerank_tei(request, body) if is_tei else self.rerank_cohere(request, body))
+
+    async def rerank_tei(self, request: Request, body: protocol.TEIRerankRequest) -> JSONResponse:
+        self._check_document_count(len(body.texts), "texts")
+        entry = await self._resolve(request, body.model, "rerank")
+        try:
+            out = await self._call(entry, "rerank", body.query, body.texts, None, None, body.truncate)
+        except InvalidRequest as exc:
+            if exc.param == "documents":
+                exc.param = "texts"
+            raise
+        record_served(request, entry.name, sum(out["token_counts"]), len(body.texts))
+        values = out["logits"] if body.raw_scores else out["scores"]
+        ranks = []
+        for index in rank(out["scores"], None):
+            item: dict[str, Any] = {"index": index, "score": values[index]}
+            if body.return_text:
+                item["text"] = body.texts[index]
+            ranks.append(item)
+        return JSONResponse(ranks)
+
+    def _check_document_count(self, count: int, param: str) -> None:
+        if count > self.config.max_rerank_documents:
+            raise PayloadTooLarge(f"{count} documents; at most {self.config.max_rerank_documents} per request",
+                                  param=param)
+
+    # ---- models and health --------------------------------------------------------------------------------
+
+    @api.get("/v1/models", response_model=protocol.ModelList)
+    async def list_models(self) -> protocol.ModelList:
+        return protocol.ModelList(data=[model_card(entry) for entry in await self.models.entries()])
+
+    @api.get("/v1/models/{model_id:path}", response_model=protocol.ModelCard)
+    async def get_model(self, model_id: str) -> protocol.ModelCard:
+        for entry in await self.models.entries():
+            if model_id in entry.served_names:
+                return model_card(entry)
+        raise ModelNotFound(f"model {model_id!r} does not exist; served models: {self.models.names_text()}",
+                            param="model")
+
+    @api.get("/health")
+    async def health(self) -> dict[str, Any]:
+        return {"status": "ok"}
+

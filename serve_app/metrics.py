@@ -1,0 +1,63 @@
+"""Prometheus metrics through `ray.serve.metrics`, which Ray exports per node on its metrics port and PromQL
+sums across replicas (prometheus_client inside replicas would give per-process numbers; design.md section 6).
+
+Labels stay bounded: model (served names only, "-" before a model is resolved), route (the route template, or
+"unmatched"), status (HTTP code). No per-request or per-key labels. Ray adds application, deployment and
+replica labels and the `ray_` prefix, so `qwen3_requests` is scraped as `ray_qwen3_requests_total`.
+Metric objects are created in the replica that uses them (they must be made inside a Ray worker).
+"""
+
+from __future__ import annotations
+
+from ray.serve.metrics import Counter, Histogram
+
+LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+BATCH_JOB_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+BATCH_TOKEN_BUCKETS = [64, 256, 1024, 4096, 16384, 65536, 262144]
+RATIO_BUCKETS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]
+
+
+class GatewayMetrics:
+    def __init__(self):
+        self.requests = Counter("qwen3_requests", "HTTP requests answered by the gateway",
+                                tag_keys=("model", "route", "status"))
+        self.latency = Histogram("qwen3_request_latency_seconds", "Gateway time per request, body to response",
+                                 boundaries=LATENCY_BUCKETS_S, tag_keys=("model", "route"))
+        self.input_tokens = Counter("qwen3_input_tokens", "Input tokens of served requests (billed tokens)",
+                                    tag_keys=("model", "route"))
+        self.documents = Counter("qwen3_documents", "Documents (rerank) or inputs (embeddings) served",
+                                 tag_keys=("model", "route"))
+
+    def request(self, model: str, route: str, status: int, seconds: float) -> None:
+        self.requests.inc(tags={"model": model, "route": route, "status": str(status)})
+        self.latency.observe(seconds, tags={"model": model, "route": route})
+
+    def served(self, model: str, route: str, tokens: int, documents: int) -> None:
+        self.input_tokens.inc(tokens, tags={"model": model, "route": route})
+        self.documents.inc(documents, tags={"model": model, "route": route})
+
+
+class ModelMetrics:
+    def __init__(self, model: str):
+        self.tags = {"model": model}
+        self.queue_wait = Histogram("qwen3_queue_wait_seconds", "Time a job waited for the engine",
+                                    boundaries=LATENCY_BUCKETS_S, tag_keys=("model",))
+        self.batch_jobs = Histogram("qwen3_batch_jobs", "Requests merged into one engine run",
+                                    boundaries=BATCH_JOB_BUCKETS, tag_keys=("model",))
+        self.batch_tokens = Histogram("qwen3_batch_tokens", "Real tokens in one engine run",
+                                      boundaries=BATCH_TOKEN_BUCKETS, tag_keys=("model",))
+        self.padding_efficiency = Histogram("qwen3_padding_efficiency",
+                                            "Real tokens / token slots computed, per engine run",
+                                            boundaries=RATIO_BUCKETS, tag_keys=("model",))
+        self.engine_seconds = Counter("qwen3_engine_seconds", "Seconds the engine spent in forward runs",
+                                      tag_keys=("model",))
+
+    def engine_run(self, jobs: int, real_tokens: int, computed_slots: int, seconds: float,
+                   waits: list[float]) -> None:
+        self.batch_jobs.observe(jobs, tags=self.tags)
+        self.batch_tokens.observe(real_tokens, tags=self.tags)
+        if computed_slots:
+            self.padding_efficiency.observe(real_tokens / computed_slots, tags=self.tags)
+        self.engine_seconds.inc(seconds, tags=self.tags)
+        for wait in waits:
+            self.queue_wait.observe(wait, tags=self.tags)

@@ -1,0 +1,152 @@
+"""Wire schemas only: what clients send and get back. No serving logic here.
+
+Request models ignore unknown fields (SDKs add fields over time and must keep working) but validate every
+field they know. Shapes follow design.md section 5: OpenAI embeddings; Cohere v2 / Jina / vLLM rerank; TEI rerank.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+
+NonNegativeTokenId = Annotated[StrictInt, Field(ge=0)]
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# ---- embeddings (OpenAI) ----------------------------------------------------------------------------------
+
+class EmbeddingRequest(WireModel):
+    model: StrictStr
+    # A string, strings, token ids, or lists of token ids: exactly OpenAI's four forms.
+    input: StrictStr | list[StrictStr] | list[NonNegativeTokenId] | list[list[NonNegativeTokenId]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = None
+    user: StrictStr | None = None
+    # Extension: the query instruction of Qwen3-Embedding ("Instruct: {instruction}\nQuery:{text}"). Send it
+    # for queries, leave it out for documents. The openai SDK passes it with extra_body={"instruction": ...}.
+    instruction: StrictStr | None = None
+    # Extension: false refuses inputs longer than the model's max_length instead of cutting them.
+    truncate: bool = True
+
+    @field_validator("input")
+    @classmethod
+    def _not_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("input must not be an empty list")
+        return value
+
+    def inputs(self) -> list[str] | list[list[int]]:
+        """The four input forms as a list of strings or a list of token-id lists."""
+        if isinstance(self.input, str):
+            return [self.input]
+        if all(isinstance(item, int) for item in self.input):
+            return [list(self.input)]
+        return list(self.input)
+
+
+class Embedding(WireModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(WireModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(WireModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+# ---- rerank (Cohere v2 / Jina / vLLM) ---------------------------------------------------------------------
+
+class DocumentObject(WireModel):
+    text: StrictStr
+
+
+class RerankRequest(WireModel):
+    model: StrictStr
+    query: StrictStr
+    documents: list[StrictStr | DocumentObject] = Field(min_length=1)
+    top_n: StrictInt | None = Field(default=None, ge=1)
+    return_documents: bool = True
+    instruction: StrictStr | None = None
+    max_tokens_per_doc: StrictInt | None = Field(default=None, ge=1)
+
+    def document_texts(self) -> list[str]:
+        return [doc if isinstance(doc, str) else doc.text for doc in self.documents]
+
+
+class RerankDocument(WireModel):
+    text: str
+
+
+class RerankResult(WireModel):
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = None
+
+
+class BilledUnits(WireModel):
+    search_units: int
+
+
+class RerankMeta(WireModel):
+    billed_units: BilledUnits
+
+
+class RerankResponse(WireModel):
+    id: str
+    model: str
+    results: list[RerankResult]
+    usage: Usage
+    meta: RerankMeta
+
+
+# ---- rerank (TEI) -----------------------------------------------------------------------------------------
+
+class TEIRerankRequest(WireModel):
+    """TEI's body on /rerank; told apart from the Cohere shape by `texts`. TEI has no model field: the gateway
+    uses the only reranker, or `model` when several are served."""
+
+    model: StrictStr | None = None
+    query: StrictStr
+    texts: list[StrictStr] = Field(min_length=1)
+    raw_scores: bool = False
+    return_text: bool = False
+    # TEI's default: refuse an input that is too long rather than cut it.
+    truncate: bool = False
+
+
+class TEIRank(WireModel):
+    index: int
+    score: float
+    text: str | None = None
+
+
+# ---- models -----------------------------------------------------------------------------------------------
+
+class ModelCard(WireModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "qwen3-serve"
+    root: str
+    task: Literal["rerank", "embed"]
+    max_model_len: int
+    dimensions: int | None = None
+    aliases: list[str] = Field(default_factory=list)
+
+
+class ModelList(WireModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,140 @@
+"""The durable store behind API keys (and, next, the usage ledger): SQLAlchemy Core over SQLite or PostgreSQL.
+
+SQLite (`sqlite:///var/qwen3-serve.db`) is the embedded default for one machine; PostgreSQL
+(`postgresql+psycopg://user@host/db`) for a cluster, where every gateway replica on every node reads and writes
+the same tables. SQLAlchemy gives us both dialects, pooling and schema creation without hand-written SQL.
+
+Keys: `q3s_<id>_<secret>`. Only the SHA-256 of the whole key is stored (keys are 190+ bits of randomness, so a
+fast hash is the right tool, as for GitHub or Stripe tokens; a password KDF would only slow every request).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import (Boolean, Column, DateTime, Integer, MetaData, String, Table, create_engine, event, insert,
+                        select, update)
+from sqlalchemy.engine import Engine
+
+KEY_PREFIX = "q3s"
+metadata = MetaData()
+
+api_keys = Table(
+    "api_keys", metadata,
+    Column("id", String(16), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("admin", Boolean, nullable=False, default=False),
+    Column("requests_per_minute", Integer, nullable=True),
+    Column("tokens_per_minute", Integer, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+)
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATABASE_URL = "sqlite:///var/qwen3-serve.db"
+DATABASE_URL_ENV = "QWEN3_SERVE_DB"
+
+
+def database_url(configured: str | None = None) -> str:
+    """$QWEN3_SERVE_DB, else the configured URL, else the SQLite default. A relative SQLite path is taken from the
+    project root, so the CLI and every gateway replica on this machine open the same file whatever their cwd."""
+    url = os.environ.get(DATABASE_URL_ENV) or configured or DEFAULT_DATABASE_URL
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////") and url != "sqlite:///:memory:":
+        url = f"sqlite:///{PROJECT_ROOT / url.removeprefix('sqlite:///')}"
+    return url
+
+
+def connect(url: str) -> Engine:
+    """An engine for the URL, with the schema created. SQLite gets WAL (readers never block the writer) and a busy
+    timeout, since several processes (gateway replicas, the CLI) share the file."""
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if str(path) != ":memory:":
+            path.parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(connection, _):
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    metadata.create_all(engine)
+    return engine
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    name: str
+    key_hash: str
+    admin: bool
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+class KeyStore:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def create(self, name: str, *, admin: bool = False, requests_per_minute: int | None = None,
+               tokens_per_minute: int | None = None) -> tuple[ApiKey, str]:
+        """A new key; the secret is returned here and never again (only its hash is stored)."""
+        key_id = secrets.token_hex(4)
+        secret = f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(24)}"
+        row = {"id": key_id, "name": name, "key_hash": hash_key(secret), "admin": admin,
+               "requests_per_minute": requests_per_minute, "tokens_per_minute": tokens_per_minute,
+               "created_at": now(), "revoked_at": None}
+        with self.engine.begin() as connection:
+            connection.execute(insert(api_keys).values(**row))
+        return ApiKey(**row), secret
+
+    def revoke(self, key_id: str) -> bool:
+        with self.engine.begin() as connection:
+            result = connection.execute(update(api_keys).where(api_keys.c.id == key_id,
+                                                               api_keys.c.revoked_at.is_(None))
+                                        .values(revoked_at=now()))
+        return result.rowcount == 1
+
+    def list(self, include_revoked: bool = True) -> list[ApiKey]:
+        query = select(api_keys).order_by(api_keys.c.created_at)
+        if not include_revoked:
+            query = query.where(api_keys.c.revoked_at.is_(None))
+        with self.engine.connect() as connection:
+            return [ApiKey(**row._mapping) for row in connection.execute(query)]
+
+    def active_by_hash(self) -> dict[str, ApiKey]:
+        return {key.key_hash: key for key in self.list(include_revoked=False)}
+
+
+def verify(presented: str, known: dict[str, ApiKey]) -> ApiKey | None:
+    """The active key matching `presented`, or None. The final comparison is constant-time."""
+    digest = hash_key(presented)
+    key = known.get(digest)
+    if key is not None and hmac.compare_digest(key.key_hash, digest):
+        return key
+    return None

@@ -1,0 +1,139 @@
+"""A real Ray Serve instance on 127.0.0.1 running configs/tiny.yaml, for the HTTP tests.
+
+Apps are deployed the way `serve run configs/x.yaml` and `serve deploy` do it: the file is checked by our own
+schema, parsed by Serve's `ServeDeploySchema` and applied declaratively by the controller (applications left out
+of a new config are removed). Ray is started and shut down by the fixture that owns this object.
+"""
+
+from __future__ import annotations
+
+import copy
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from serve_app.config import ServeConfigFile
+
+REPO = Path(__file__).resolve().parent.parent
+RERANKER = "qwen3-reranker-tiny"
+EMBEDDER = "qwen3-embedding-tiny"
+# A reranker that takes one request at a time and queues one more: overload tests fill it on purpose.
+NARROW_RERANKER = "qwen3-reranker-narrow"
+TEST_MAX_BODY_BYTES = 1 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def application(config: dict, name: str) -> dict:
+    return next(app for app in config["applications"] if app["name"] == name)
+
+
+def tiny_test_config(port: int, reranker_path: Path, embedder_path: Path, database_url: str) -> dict[str, Any]:
+    """configs/tiny.yaml with the test's port and checkpoints, auth on (keys in `database_url`), a smaller body
+    limit, a logical-GPU embedder and a narrow reranker."""
+    config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    gateway = application(config, "gateway")["args"]
+    gateway.update(max_body_bytes=TEST_MAX_BODY_BYTES, database_url=database_url,
+                   auth={"enabled": True, "key_refresh_s": 0.5})
+    # Two gateway replicas: keys, revocation and rate limits must hold across replicas.
+    gateway["deployment"]["num_replicas"] = 2
+    application(config, RERANKER)["args"]["source"] = str(reranker_path)
+    embedder = application(config, EMBEDDER)["args"]
+    embedder["source"] = str(embedder_path)
+    # Ray hands out a logical GPU here; the replica must still start, on CPU, with a warning.
+    embedder["device"] = "auto"
+    embedder["deployment"]["num_gpus"] = 0.5
+    narrow = copy.deepcopy(application(config, RERANKER))
+    narrow["name"] = narrow["args"]["name"] = NARROW_RERANKER
+    narrow["args"]["aliases"] = []
+    narrow["args"]["deployment"].update(max_ongoing_requests=1, max_queued_requests=1)
+    config["applications"].append(narrow)
+    return config
+
+
+class ServeInstance:
+    def __init__(self, port: int, metrics_port: int | None = None):
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None
+        self.headers: dict[str, str] = {}  # Authorization for the readiness checks when auth is on
+
+    @classmethod
+    def start_on(cls, port: int, num_cpus: int = 8, num_gpus: int = 1) -> "ServeInstance":
+        import ray
+        from ray import serve
+
+        # Logical resources: the machine has 2 cores and no GPU; Ray schedules by these numbers only.
+        metrics_port = free_port()
+        # Metrics reach the node's export port every second instead of every 10 (the metrics tests wait on it).
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"RAY_SERVE_LOG_TO_STDERR": "0"}}, _metrics_export_port=metrics_port,
+                 _system_config={"metrics_report_interval_ms": 1000})
+        instance = cls(port, metrics_port)
+        serve.start(http_options={"host": "127.0.0.1", "port": instance.port})
+        return instance
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+
+    def deploy(self, config: dict[str, Any], timeout_s: float = 180) -> None:
+        """Apply a whole config as `serve deploy` does, then wait until the gateway serves exactly its models."""
+        from ray.serve.context import _get_global_client
+        from ray.serve.schema import ServeDeploySchema
+
+        checked = ServeConfigFile.model_validate(config)
+        _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
+        expected = {model.name for model in checked.model_configs()}
+        deadline = time.monotonic() + timeout_s
+        served: set[str] = set()
+        while time.monotonic() < deadline:
+            try:
+                response = httpx.get(f"{self.url}/v1/models", headers=self.headers, timeout=10)
+                served = {card["id"] for card in response.json()["data"]} if response.status_code == 200 else set()
+            except httpx.HTTPError:
+                served = set()
+            if served == expected and self._all_running(config):
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"deploy did not converge: gateway serves {served}, expected {expected}; "
+                           f"{self.details_text()}")
+
+    def _all_running(self, config: dict) -> bool:
+        from ray import serve
+
+        status = serve.status().applications
+        return all(app["name"] in status and status[app["name"]].status == "RUNNING"
+                   for app in config["applications"])
+
+    def replicas(self) -> dict[str, set[str]]:
+        """{application: replica ids of its deployments}: a restart changes the ids."""
+        from ray.serve.context import _get_global_client
+
+        details = _get_global_client().get_serve_details()
+        return {name: {replica["replica_id"] for deployment in app["deployments"].values()
+                       for replica in deployment["replicas"] if replica["state"] == "RUNNING"}
+                for name, app in details["applications"].items()}
+
+    def details_text(self) -> str:
+        from ray import serve
+
+        return "; ".join(f"{name}: {app.status} {app.message[:300]}"
+                         for name, app in serve.status().applications.items())
+
+    def model_handle(self, name: str):
+        from ray import serve
+
+        return serve.get_app_handle(name)

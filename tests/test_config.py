@@ -1,0 +1,219 @@
+"""The config schema, the shipped configs, the builders' validation and the gateway's model table (no Ray)."""
+
+import asyncio
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from serve_app.config import GatewayConfig, ModelConfig, ServeConfigFile, load_config_file, main, validate_args
+from serve_app.directory import ModelDirectory
+from serve_app.errors import InvalidRequest, ModelNotFound
+from serve_app.loading import ModelLoadError, fetch_weights
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+def raw(name: str) -> dict:
+    return yaml.safe_load(next(p for p in CONFIGS if p.stem == name).read_text())
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_pass_our_schema_and_serves(path):
+    config = load_config_file(path)
+    ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    assert config.model_configs()
+
+
+def test_prod_serves_all_six_models_on_gpu_fractions_with_autoscaling():
+    models = load_config_file(next(p for p in CONFIGS if p.stem == "prod")).model_configs()
+    assert sorted(m.source for m in models) == sorted(f"Qwen/Qwen3-{kind}-{size}" for kind in ("Reranker", "Embedding")
+                                                      for size in ("0.6B", "4B", "8B"))
+    assert all(0 < m.deployment.num_gpus < 1 and m.deployment.autoscaling for m in models)
+    assert sum(m.deployment.num_gpus for m in models) <= 1.0  # one replica of each fits one GPU
+    gateway = GatewayConfig.model_validate(raw("prod")["applications"][0]["args"])
+    assert gateway.deployment.autoscaling.min_replicas >= 2
+
+
+def test_local_serves_the_two_small_models_from_the_hub_on_cpu():
+    models = load_config_file(next(p for p in CONFIGS if p.stem == "local")).model_configs()
+    assert {(m.source, m.device) for m in models} == {("Qwen/Qwen3-Reranker-0.6B", "cpu"),
+                                                      ("Qwen/Qwen3-Embedding-0.6B", "cpu")}
+
+
+@pytest.mark.parametrize("path, value, expected", [
+    (("args", "batching", "token_budgt"), 1024, "applications.1.args.batching.token_budgt: Extra inputs"),
+    (("args", "deployment", "num_gpu"), 1, "applications.1.args.deployment.num_gpu: Extra inputs"),
+    (("args", "task"), "classify", "applications.1.args.task: Input should be 'rerank' or 'embed'"),
+    (("args", "source"), "not a source", "neither a hub repo id"),
+    (("args", "deployment", "max_ongoing_requests"), 0, "max_ongoing_requests: Input should be greater"),
+    (("route_prefx",), "/x", "applications.1.route_prefx: Extra inputs"),
+    (("name",), "other-name", "must equal its model's name"),
+])
+def test_bad_keys_are_named(path, value, expected):
+    config = raw("tiny")
+    target = config["applications"][1]
+    for key in path[:-1]:
+        target = target.setdefault(key, {})
+    target[path[-1]] = value
+    with pytest.raises(ValueError) as error:
+        ServeConfigFile.model_validate(config)
+    assert expected in str(error.value)
+
+
+def test_misspelled_deployment_override_is_rejected_not_dropped():
+    config = raw("tiny")
+    config["applications"][1]["deployments"] = [{"name": "ModelServer", "user_config": {"max_wait": 5}}]
+    with pytest.raises(ValueError, match="user_config.max_wait: Extra inputs"):
+        ServeConfigFile.model_validate(config)
+    config["applications"][1]["deployments"] = [{"name": "ModelServer", "num_replicas": 3}]
+    with pytest.raises(ValueError, match="num_replicas: Extra inputs"):
+        ServeConfigFile.model_validate(config)
+
+
+def test_duplicate_names_and_missing_gateway():
+    config = raw("tiny")
+    config["applications"][2]["args"]["aliases"] = ["Qwen/Qwen3-Reranker-0.6B"]
+    with pytest.raises(ValueError, match="already used by application 'qwen3-reranker-tiny'"):
+        ServeConfigFile.model_validate(config)
+    config = raw("tiny")
+    del config["applications"][0]
+    with pytest.raises(ValueError, match="exactly one gateway"):
+        ServeConfigFile.model_validate(config)
+
+
+def test_builders_validate_their_args():
+    with pytest.raises(ValueError, match="invalid model config:\n  batching.max_items: Input should be greater"):
+        validate_args(ModelConfig, {"name": "m", "task": "embed", "source": "./x", "batching": {"max_items": 0}},
+                      "model")
+    with pytest.raises(ValueError, match="max_body_byte: Extra inputs"):
+        validate_args(GatewayConfig, {"max_body_byte": 5}, "gateway")
+
+
+def test_both_scaling_modes_at_once_is_an_error():
+    with pytest.raises(ValueError, match="either num_replicas or autoscaling"):
+        ModelConfig(name="m", task="embed", source="./x", deployment={"num_replicas": 2, "autoscaling": {}})
+
+
+def test_deployment_options_become_serve_options():
+    options = ModelConfig(name="m", task="embed", source="./x",
+                          deployment={"num_gpus": 0.25, "autoscaling": {"max_replicas": 3}}).deployment.serve_options()
+    assert options["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0.25}
+    assert options["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in options
+
+
+def test_config_checker_cli(tmp_path, capsys):
+    assert main([str(p) for p in CONFIGS]) == 0
+    bad = tmp_path / "bad.yaml"
+    config = raw("tiny")
+    config["applications"][1]["args"]["dtyp"] = "float32"
+    bad.write_text(yaml.safe_dump(config))
+    assert main([str(bad)]) == 1
+    assert "applications.1.args.dtyp: Extra inputs are not permitted" in capsys.readouterr().err
+
+
+def test_unreachable_hub_names_the_offline_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ModelLoadError, match="configs/tiny.yaml"):
+        fetch_weights(ModelConfig(name="r", task="rerank", source="Qwen/Qwen3-Reranker-0.6B"))
+
+
+def test_missing_local_checkpoint_says_how_to_build_it(tmp_path):
+    with pytest.raises(ModelLoadError, match="python -m models.checkpoints"):
+        fetch_weights(ModelConfig(name="r", task="rerank", source=str(tmp_path / "none")))
+
+
+def test_gateway_modules_never_import_torch():
+    code = "import sys, serve_app.ingress, serve_app.app; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- the gateway's model table --------------------------------------------------------------------------
+
+class FakeServe:
+    """Stands in for the Serve controller and the model replicas: which apps run, what they describe."""
+
+    def __init__(self):
+        self.apps: dict[str, float | None] = {}
+        self.facts: dict[str, dict] = {}
+        self.describe_calls: list[str] = []
+
+    def add(self, app, task, aliases=(), deployed_at=1.0):
+        self.apps[app] = deployed_at
+        self.facts[app] = {"name": app, "task": task, "aliases": list(aliases), "source": app, "max_length": 8192}
+
+    def directory(self):
+        async def describe(app):
+            self.describe_calls.append(app)
+            return copy.deepcopy(self.facts[app])
+
+        return ModelDirectory(60, list_apps=lambda: dict(self.apps), get_handle=lambda app: app, describe=describe)
+
+
+def test_directory_resolves_names_aliases_and_refreshes_on_a_miss():
+    fake = FakeServe()
+    fake.add("rr", "rerank", aliases=["Qwen/Qwen3-Reranker-0.6B"])
+
+    async def scenario():
+        directory = fake.directory()
+        reranker = await directory.resolve("Qwen/Qwen3-Reranker-0.6B", "rerank")
+        assert reranker.name == "rr"
+        fake.add("emb", "embed")  # deployed later: a miss refreshes at once
+        await asyncio.sleep(0.6)
+        assert (await directory.resolve("emb", "embed")).name == "emb"
+        with pytest.raises(InvalidRequest, match="is a rerank model; embed models: emb"):
+            await directory.resolve("rr", "embed")
+        fake.apps["rr"] = None  # its only replica is restarting: not served, but not removed either
+        await directory.refresh()
+        with pytest.raises(ModelNotFound, match="served models: emb"):
+            await directory.resolve("rr", "rerank")
+        assert not directory.was_removed(reranker)
+        del fake.apps["rr"]
+        await directory.refresh()
+        assert directory.was_removed(reranker)  # requests still waiting on it now get a 404
+        calls = len(fake.describe_calls)
+        await directory.refresh()  # nothing changed: nothing re-described
+        assert len(fake.describe_calls) == calls
+        fake.add("emb", "embed", aliases=["new-alias"], deployed_at=2.0)  # redeployed: described again
+        await directory.refresh()
+        assert (await directory.resolve("new-alias", "embed")).name == "emb"
+
+    asyncio.run(scenario())
+
+
+def test_directory_skips_a_model_that_cannot_describe_itself():
+    fake = FakeServe()
+    fake.add("ok", "embed")
+    fake.add("broken", "embed")
+
+    async def describe(app):
+        if app == "broken":
+            raise RuntimeError("replica died")
+        return fake.facts[app]
+
+    async def scenario():
+        directory = ModelDirectory(60, list_apps=lambda: dict(fake.apps), get_handle=lambda a: a, describe=describe)
+        assert [entry.name for entry in await directory.entries()] == ["ok"]
+
+    asyncio.run(scenario())
+
+
+def test_grafana_dashboard_queries_only_metrics_we_publish():
+    import json
+    import re
+
+    metrics_source = (CONFIGS[0].parent.parent / "serve_app" / "metrics.py").read_text()
+    published = set(re.findall(r'(?:Counter|Histogram)\("(qwen3_\w+)"', metrics_source))
+    dashboard = json.loads((CONFIGS[0].parent / "grafana" / "qwen3-serve.json").read_text())
+    used = {name for panel in dashboard["panels"] for target in panel["targets"]
+            for name in re.findall(r"ray_(qwen3_\w+?)(?:_total|_bucket|_count|_sum)?\b", target["expr"])}
+    assert used and used <= published, used - published

@@ -1,0 +1,95 @@
+"""Serving behaviour beyond single requests: concurrent batching, live reconfiguration, redeploys."""
+
+import asyncio
+import copy
+import time
+
+import httpx
+import pytest
+
+from tests.reference import ModelCardReranker
+from tests.serving import EMBEDDER, RERANKER, application
+from tests.texts import DOCUMENTS, QUERIES
+
+TOLERANCE = 1e-5
+EXTRA_EMBEDDER = "qwen3-embedding-extra"
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_reranker_path):
+    return ModelCardReranker(str(tiny_reranker_path))
+
+
+def stats(served, app: str) -> dict:
+    return served.model_handle(app).stats.remote().result(timeout_s=30)
+
+
+def test_concurrent_requests_share_batches_and_all_answers_are_right(served, reference):
+    requests = [(QUERIES[i % len(QUERIES)], DOCUMENTS[i % 5:i % 5 + 1 + i % 4]) for i in range(64)]
+    before = stats(served, RERANKER)
+
+    async def send_all():
+        async with httpx.AsyncClient(base_url=served.url, headers=served.headers, timeout=120) as client:
+            return await asyncio.gather(*(
+                client.post("/v1/rerank", json={"model": RERANKER, "query": q, "documents": d, "top_n": len(d)})
+                for q, d in requests))
+
+    responses = asyncio.run(send_all())
+    after = stats(served, RERANKER)
+    for (query, documents), response in zip(requests, responses):
+        assert response.status_code == 200, response.text
+        expected = reference.scores(query, documents)
+        for result in response.json()["results"]:
+            assert abs(result["relevance_score"] - expected[result["index"]]) <= TOLERANCE
+    jobs, batches = after["jobs"] - before["jobs"], after["batches"] - before["batches"]
+    assert jobs == 64
+    assert batches < jobs, f"64 concurrent requests ran in {batches} batches: nothing was batched"
+    assert after["largest_batch_jobs"] > 1
+
+
+def wait_for(condition, timeout_s=60, what="condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(what)
+
+
+def test_batching_changes_through_user_config_without_a_restart(served, serve_config):
+    before = served.replicas()
+    changed = copy.deepcopy(serve_config)
+    application(changed, RERANKER)["deployments"] = [
+        {"name": "ModelServer", "user_config": {"max_wait_ms": 7, "max_items": 16, "token_budget": 512}}]
+    try:
+        served.deploy(changed)
+        wait_for(lambda: stats(served, RERANKER)["batching"]["max_wait_ms"] == 7, what="user_config applied")
+        facts = served.model_handle(RERANKER).describe.remote().result(timeout_s=30)
+        assert facts["token_budget"] == 512
+        assert served.replicas() == before
+    finally:
+        served.deploy(serve_config)
+
+
+def test_adding_and_removing_a_model_restarts_no_other_replica(served, serve_config):
+    before = served.replicas()
+    grown = copy.deepcopy(serve_config)
+    extra = copy.deepcopy(application(grown, EMBEDDER))
+    extra["name"] = extra["args"]["name"] = EXTRA_EMBEDDER
+    extra["args"]["aliases"] = []
+    grown["applications"].append(extra)
+    try:
+        served.deploy(grown)  # returns once the gateway serves the new model too
+        after_add = served.replicas()
+        assert {app: after_add[app] for app in before} == before, "a redeploy restarted replicas"
+        response = httpx.post(f"{served.url}/v1/embeddings", json={"model": EXTRA_EMBEDDER, "input": "x"},
+                                  headers=served.headers, timeout=60)
+        assert response.status_code == 200
+    finally:
+        served.deploy(serve_config)
+    after_remove = served.replicas()
+    assert {app: after_remove[app] for app in before} == before
+    assert not after_remove.get(EXTRA_EMBEDDER)  # being deleted: no running replica left
+    response = httpx.post(f"{served.url}/v1/embeddings", json={"model": EXTRA_EMBEDDER, "input": "x"},
+                                  headers=served.headers, timeout=60)
+    assert response.status_code == 404
