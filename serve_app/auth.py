@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 
-from serve_app.errors import ModelUnavailable, Unauthorized
+from serve_app.errors import StoreUnavailable, Unauthorized
 from serve_app.periodic import Periodic
 from serve_app.store import ApiKey, KeyStore, verify
 
@@ -48,7 +48,7 @@ class KeyGuard:
                 await self.reload()
             except Exception as exc:  # noqa: BLE001 - the store is down and no keys were ever loaded
                 logger.exception("gateway: cannot load API keys")
-                raise ModelUnavailable("the API key store is unavailable; retry shortly", code="auth_unavailable",
+                raise StoreUnavailable("the API key store is unavailable; retry shortly",
                                        headers={"Retry-After": "5"}) from exc
         key = verify(token, self._known)
         if key is None:

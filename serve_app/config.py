@@ -127,6 +127,23 @@ class DeploymentOptions(Strict):
         return options
 
 
+class Price(Strict):
+    """What usage of a model costs, priced the way hosted APIs price these models (the usage report multiplies)."""
+
+    per_1k_documents: float | None = Field(default=None, ge=0)  # rerankers: per 1,000 documents
+    per_1m_tokens: float | None = Field(default=None, ge=0)  # embedders: per 1M input tokens
+
+    @model_validator(mode="after")
+    def _some_price(self) -> "Price":
+        if self.per_1k_documents is None and self.per_1m_tokens is None:
+            raise ValueError("a price needs per_1k_documents (rerankers) or per_1m_tokens (embedders)")
+        return self
+
+    def amount(self, documents: int, input_tokens: int) -> float:
+        return (documents / 1000 * (self.per_1k_documents or 0.0)
+                + input_tokens / 1_000_000 * (self.per_1m_tokens or 0.0))
+
+
 class ModelConfig(Strict):
     """One served model: the args of a `serve_app.app:model_app` application."""
 
@@ -148,6 +165,8 @@ class ModelConfig(Strict):
     cpu_threads: int | None = Field(default=None, ge=1)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    # Optional: turns the usage report's totals into amounts owed (python -m serve_app.usage --config ...).
+    price: Price | None = None
 
     @field_validator("source")
     @classmethod

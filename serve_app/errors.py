@@ -61,6 +61,12 @@ class MethodNotAllowed(ServingError):
     status, type, code = 405, "invalid_request_error", "method_not_allowed"
 
 
+class IdempotencyConflict(ServingError):
+    """An Idempotency-Key already used for a different request (route or body)."""
+
+    status, type, code = 409, "invalid_request_error", "idempotency_key_reused"
+
+
 class PayloadTooLarge(ServingError):
     status, type, code = 413, "invalid_request_error", "payload_too_large"
 
@@ -83,8 +89,15 @@ class ModelUnavailable(ServingError):
     status, type, code = 503, "server_error", "model_unavailable"
 
 
+class StoreUnavailable(ServingError):
+    """The database behind API keys and the usage ledger cannot be reached: nothing is served unbilled."""
+
+    status, type, code = 503, "server_error", "store_unavailable"
+
+
 def status_table() -> dict[str, int]:
     """Kind -> status, for the README and the tests."""
-    kinds = [InvalidRequest, Unauthorized, Forbidden, NotFound, ModelNotFound, MethodNotAllowed, PayloadTooLarge,
-             RateLimited, InternalError, Overloaded, ModelUnavailable]
+    kinds = [InvalidRequest, Unauthorized, Forbidden, NotFound, ModelNotFound, MethodNotAllowed, IdempotencyConflict,
+             PayloadTooLarge,
+             RateLimited, InternalError, Overloaded, ModelUnavailable, StoreUnavailable]
     return {kind.__name__: kind.status for kind in kinds}

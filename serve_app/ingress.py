@@ -4,9 +4,11 @@ Routes (design.md section 5):
     POST /v1/embeddings, /embeddings            OpenAI embeddings
     POST /v1/rerank, /v2/rerank, /rerank        Cohere v2 / Jina / vLLM rerank; TEI's body on /rerank
     GET  /v1/models, /v1/models/{id}            OpenAI model objects
+    GET  /v1/usage                              the caller's usage totals (every key's for an admin key)
     GET  /health                                liveness, no auth
 
-Every error leaves as {"error": {"message", "type", "param", "code"}} with the status of its kind
+Every served request is written to the usage ledger (serve_app/ledger.py) before its response is sent; every
+response carries its ledger id in `X-Usage-Id` (Serve's own X-Request-ID is its trace id, kept in the row). Every error leaves as {"error": {"message", "type", "param", "code"}} with the status of its kind
 (serve_app/errors.py); client mistakes are 4xx, never 5xx.
 """
 
@@ -17,6 +19,7 @@ import logging
 import math
 import time
 import uuid
+from datetime import date
 from typing import Any
 
 import numpy as np
@@ -33,8 +36,11 @@ from serve_app import protocol
 from serve_app.auth import OPEN_PATHS, KeyGuard
 from serve_app.config import GATEWAY_DEPLOYMENT_NAME, GatewayConfig
 from serve_app.directory import ModelDirectory, ModelEntry
-from serve_app.errors import (InternalError, InvalidRequest, MethodNotAllowed, ModelNotFound, ModelUnavailable,
-                              NotFound, Overloaded, PayloadTooLarge, RateLimited, ServingError)
+from serve_app.errors import (IdempotencyConflict, InternalError, InvalidRequest, MethodNotAllowed, ModelNotFound,
+                              ModelUnavailable, NotFound, Overloaded, PayloadTooLarge, RateLimited, ServingError,
+                              StoreUnavailable)
+from serve_app.ledger import (MAX_IDEMPOTENCY_KEY_CHARS, Ledger, UsageRecord, fingerprint, request_id, sum_totals,
+                              usage_totals)
 from serve_app.metrics import GatewayMetrics
 from serve_app.ratelimit import limiter_handle
 from serve_app.store import KeyStore, connect, database_url
@@ -59,7 +65,9 @@ def error_response(error: ServingError) -> JSONResponse:
 
 def validation_error(exc: ValidationError | RequestValidationError) -> InvalidRequest:
     first = exc.errors()[0]
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    location = [str(part) for part in first.get("loc", ())]
+    if isinstance(exc, RequestValidationError) and location:
+        location = location[1:]  # FastAPI's "body" / "query": where it looked, not a name the client sent
     # Drop pydantic's union-member tags ("str", "list[int]", ...) so param names the field a client sent.
     location = [part for part in location if not any(ch in part for ch in "[]") and part not in
                 ("str", "int", "DocumentObject", "constrained-str")]
@@ -101,8 +109,10 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 @api.middleware("http")
 async def _measure(request: Request, call_next):
     """Outermost: every answer, 401s and 413s included, is counted with its status and latency."""
-    started = time.perf_counter()
+    started = request.state.started = time.perf_counter()
     response = await _authenticate_and_limit(request, call_next)
+    if getattr(request.state, "request_id", None):
+        response.headers["X-Usage-Id"] = request.state.request_id
     metrics = getattr(request.app.state, "metrics", None)
     if metrics is not None:
         metrics.request(getattr(request.state, "model", "-"), route_label(request), response.status_code,
@@ -118,6 +128,10 @@ async def _authenticate_and_limit(request: Request, call_next):
             await enforce_rate_limits(request, request.state.api_key)
         except ServingError as error:
             return error_response(error)
+    try:
+        request.state.request_id = ledger_request_id(request)
+    except ServingError as error:
+        return error_response(error)
     limit = body_limit(request)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -145,13 +159,18 @@ def route_label(request: Request) -> str:
     return getattr(route, "path", None) or "unmatched"
 
 
-def record_served(request: Request, model: str, tokens: int, documents: int) -> None:
+def ledger_request_id(request: Request) -> str:
+    """The request's ledger id: repeatable from the client's Idempotency-Key (a retry is billed once), else new."""
+    idempotency_key = request.headers.get("idempotency-key")
+    if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
+        raise InvalidRequest(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters",
+                             param="Idempotency-Key")
     key = getattr(request.state, "api_key", None)
-    if key is not None and key.tokens_per_minute:
-        request.app.state.limiter.charge_tokens.remote(key.id, key.tokens_per_minute, tokens)
-    metrics = getattr(request.app.state, "metrics", None)
-    if metrics is not None:
-        metrics.served(model, route_label(request), tokens, documents)
+    return request_id(key.id if key else None, idempotency_key, fresh=f"req_{uuid.uuid4().hex}")
+
+
+def search_units(documents: int) -> int:
+    return math.ceil(documents / DOCUMENTS_PER_SEARCH_UNIT)
 
 
 def body_limit(request: Request) -> int:
@@ -222,8 +241,9 @@ class Gateway:
         self.config = GatewayConfig.model_validate(config or {})
         api.state.max_body_bytes = self.config.max_body_bytes
         api.state.metrics = GatewayMetrics()
+        self.store_engine = connect(database_url(self.config.database_url))
         if self.config.auth.enabled:
-            store = KeyStore(connect(database_url(self.config.database_url)))
+            store = KeyStore(self.store_engine)
             api.state.key_guard = KeyGuard(store, self.config.auth.key_refresh_s)
             api.state.limiter = limiter_handle()
         else:
@@ -231,6 +251,7 @@ class Gateway:
             logger.warning("gateway: API-key authentication is OFF (auth.enabled: false): every route is open. "
                            "Use this only on a trusted machine (configs/tiny.yaml).")
         self.models = ModelDirectory(self.config.model_refresh_s)
+        self.ledger = Ledger(self.store_engine)
 
     async def _resolve(self, request: Request, name: str | None, task: str) -> ModelEntry:
         """The model a request names; no name (TEI's body) means the one model of that task."""
@@ -249,6 +270,30 @@ class Gateway:
             if isinstance(error, ServingError):
                 raise error from None
             raise
+
+    async def _bill(self, request: Request, model: str, tokens: int, *, documents: int = 0, embeddings: int = 0,
+                    dimensions: int | None = None) -> None:
+        """Record a served request, durably and once, before its response is sent; then charge its tokens to the
+        key's rate limit and count it in the metrics. If the row cannot be written the request fails (503):
+        nothing is served unbilled."""
+        key = getattr(request.state, "api_key", None)
+        route = route_label(request)
+        usage = UsageRecord(request_id=request.state.request_id, key_id=key.id if key else None, model=model,
+                            fingerprint=fingerprint(route, await request.body()), route=route,
+                            input_tokens=tokens, documents=documents, search_units=search_units(documents),
+                            embeddings=embeddings, dimensions=dimensions,
+                            trace_id=request.headers.get("x-request-id"),
+                            latency_ms=(time.perf_counter() - request.state.started) * 1000)
+        try:
+            await self.ledger.record(usage)
+        except IdempotencyConflict:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the database is down or refused the row
+            raise StoreUnavailable("the usage ledger is unavailable, so the request was not served; retry shortly",
+                                   headers={"Retry-After": str(self.config.retry_after_s)}) from exc
+        if key is not None and key.tokens_per_minute:
+            request.app.state.limiter.charge_tokens.remote(key.id, key.tokens_per_minute, tokens)
+        api.state.metrics.served(model, usage.route, tokens, documents or embeddings)
 
     async def _await_while_served(self, entry: ModelEntry, response) -> dict[str, Any]:
         """The model's answer, unless its application is removed first. A handle to a deleted application
@@ -289,7 +334,7 @@ class Gateway:
         else:
             encoded = vectors.tolist()
         tokens = sum(out["token_counts"])
-        record_served(request, entry.name, tokens, len(inputs))
+        await self._bill(request, entry.name, tokens, embeddings=len(inputs), dimensions=int(vectors.shape[1]))
         return JSONResponse({
             "object": "list",
             "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(encoded)],
@@ -312,7 +357,7 @@ class Gateway:
         out = await self._call(entry, "rerank", body.query, documents, body.instruction, body.max_tokens_per_doc)
         ranked = rank(out["scores"], body.top_n)
         tokens = sum(out["token_counts"])
-        record_served(request, entry.name, tokens, len(documents))
+        await self._bill(request, entry.name, tokens, documents=len(documents))
         results = []
         for index in ranked:
             result: dict[str, Any] = {"index": index, "relevance_score": out["scores"][index]}
@@ -320,11 +365,11 @@ class Gateway:
                 result["document"] = {"text": documents[index]}
             results.append(result)
         return JSONResponse({
-            "id": f"rerank-{uuid.uuid4().hex}",
+            "id": request.state.request_id,
             "model": entry.name,
             "results": results,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            "meta": {"billed_units": {"search_units": math.ceil(len(documents) / DOCUMENTS_PER_SEARCH_UNIT)}},
+            "meta": {"billed_units": {"search_units": search_units(len(documents))}},
         })
 
     @api.post("/rerank", responses={200: {"model": protocol.RerankResponse}},
@@ -345,7 +390,7 @@ class Gateway:
             if exc.param == "documents":
                 exc.param = "texts"
             raise
-        record_served(request, entry.name, sum(out["token_counts"]), len(body.texts))
+        await self._bill(request, entry.name, sum(out["token_counts"]), documents=len(body.texts))
         values = out["logits"] if body.raw_scores else out["scores"]
         ranks = []
         for index in rank(out["scores"], None):
@@ -373,6 +418,20 @@ class Gateway:
                 return model_card(entry)
         raise ModelNotFound(f"model {model_id!r} does not exist; served models: {self.models.names_text()}",
                             param="model")
+
+    # ---- usage --------------------------------------------------------------------------------------------
+
+    @api.get("/v1/usage", response_model=protocol.UsageReport)
+    async def usage(self, request: Request, start: date | None = None, end: date | None = None
+                    ) -> protocol.UsageReport:
+        """The caller's totals per model and UTC day (every key's for an admin key, or when auth is off);
+        start and end are inclusive days, YYYY-MM-DD."""
+        if start is not None and end is not None and end < start:
+            raise InvalidRequest("end is before start", param="end")
+        key = getattr(request.state, "api_key", None)
+        only_key = key.id if key is not None and not key.admin else None
+        rows = await asyncio.to_thread(usage_totals, self.store_engine, key_id=only_key, since=start, until=end)
+        return protocol.UsageReport(data=rows, totals=sum_totals(rows))
 
     @api.get("/health")
     async def health(self) -> dict[str, Any]:

@@ -18,16 +18,7 @@ import argparse
 import json
 import sys
 
-from serve_app.store import KeyStore, connect, database_url
-
-
-def store_for(args) -> KeyStore:
-    configured = args.db
-    if configured is None and args.config:
-        from serve_app.config import load_config_file
-
-        configured = load_config_file(args.config).gateway_config().database_url
-    return KeyStore(connect(database_url(configured)))
+from serve_app.store import KeyStore, open_database
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     revoke = commands.add_parser("revoke", help="revoke a key by id; gateways refuse it within seconds")
     revoke.add_argument("key_id")
     args = parser.parse_args(argv)
-    store = store_for(args)
+    store = KeyStore(open_database(args.db, args.config))
 
     if args.command == "create":
         key, secret = store.create(args.name, admin=args.admin, requests_per_minute=args.rpm,

@@ -150,3 +150,25 @@ class ModelCard(WireModel):
 class ModelList(WireModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---- usage (GET /v1/usage) --------------------------------------------------------------------------------------
+
+class UsageTotals(WireModel):
+    requests: int
+    input_tokens: int
+    documents: int  # rerank documents
+    search_units: int  # Cohere's billing unit: one rerank query with up to 100 documents
+    embeddings: int  # vectors returned
+
+
+class UsageRow(UsageTotals):
+    key_id: str | None  # None for requests served while auth was off
+    model: str
+    day: str  # UTC, YYYY-MM-DD
+
+
+class UsageReport(WireModel):
+    object: Literal["usage_report"] = "usage_report"
+    data: list[UsageRow]
+    totals: UsageTotals

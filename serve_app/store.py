@@ -1,4 +1,4 @@
-"""The durable store behind API keys (and, next, the usage ledger): SQLAlchemy Core over SQLite or PostgreSQL.
+"""The durable store behind API keys and the usage ledger: SQLAlchemy Core over SQLite or PostgreSQL.
 
 SQLite (`sqlite:///var/qwen3-serve.db`) is the embedded default for one machine; PostgreSQL
 (`postgresql+psycopg://user@host/db`) for a cluster, where every gateway replica on every node reads and writes
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import (Boolean, Column, DateTime, Integer, MetaData, String, Table, create_engine, event, insert,
-                        select, update)
+from sqlalchemy import (Boolean, Column, DateTime, Float, Index, Integer, MetaData, String, Table, create_engine,
+                        event, insert, select, update)
 from sqlalchemy.engine import Engine
 
 KEY_PREFIX = "q3s"
@@ -35,6 +35,29 @@ api_keys = Table(
     Column("tokens_per_minute", Integer, nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("revoked_at", DateTime(timezone=True), nullable=True),
+)
+
+# One row per served request (serve_app/ledger.py writes them). request_id is unique: a retry that repeats a
+# request's Idempotency-Key maps to the same id and is recorded once; fingerprint (SHA-256 of route and body)
+# tells a true retry from a different request reusing the key.
+usage_records = Table(
+    "usage_records", metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("request_id", String(64), nullable=False, unique=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("trace_id", String(128), nullable=True),  # Ray Serve's X-Request-ID: joins the ledger to Serve's logs
+    Column("key_id", String(16), nullable=True),  # None when auth is off
+    Column("model", String(200), nullable=False),
+    Column("route", String(64), nullable=False),
+    Column("input_tokens", Integer, nullable=False),
+    Column("documents", Integer, nullable=False),  # rerank documents (0 for embeddings)
+    Column("search_units", Integer, nullable=False),  # Cohere's unit: one query with up to 100 documents
+    Column("embeddings", Integer, nullable=False),  # vectors returned (0 for rerank)
+    Column("dimensions", Integer, nullable=True),  # of those vectors
+    Column("latency_ms", Float, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_usage_records_key_time", "key_id", "created_at"),
+    Index("ix_usage_records_time", "created_at"),
 )
 
 
@@ -58,6 +81,16 @@ def database_url(configured: str | None = None) -> str:
     if url.startswith("sqlite:///") and not url.startswith("sqlite:////") and url != "sqlite:///:memory:":
         url = f"sqlite:///{PROJECT_ROOT / url.removeprefix('sqlite:///')}"
     return url
+
+
+def open_database(db: str | None = None, config_path: str | None = None) -> Engine:
+    """The database a CLI works on: $QWEN3_SERVE_DB, else `db`, else the gateway's database_url in the config file
+    at `config_path`, else the SQLite default."""
+    if db is None and config_path:
+        from serve_app.config import load_config_file
+
+        db = load_config_file(config_path).gateway_config().database_url
+    return connect(database_url(db))
 
 
 def connect(url: str) -> Engine:

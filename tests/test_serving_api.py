@@ -146,7 +146,7 @@ def test_rerank_routes_match_the_model_card(http, reference, path, query):
     for result in results:
         assert abs(result["relevance_score"] - expected[result["index"]]) <= TOLERANCE
         assert result["document"] == {"text": DOCUMENTS[result["index"]]}
-    assert body["id"].startswith("rerank-") and body["model"] == RERANKER
+    assert body["id"] == response.headers["X-Usage-Id"] and body["model"] == RERANKER  # the ledger id
     assert body["usage"]["total_tokens"] == sum(reference.token_counts(query, DOCUMENTS))
     assert body["meta"]["billed_units"]["search_units"] == 1
 
