@@ -73,6 +73,10 @@ class AutoscalingConfig(Strict):
     target_ongoing_requests: float = Field(default=8, gt=0)
     upscale_delay_s: float = Field(default=10, ge=0)
     downscale_delay_s: float = Field(default=300, ge=0)
+    # Over how long Serve averages the load it scales on (Serve's default 30 s when unset): shorter reacts faster
+    # to bursts and follows noise more. How often load is reported is set by Serve's environment variables
+    # RAY_SERVE_HANDLE/REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S (its metrics_interval_s is deprecated).
+    look_back_period_s: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> "AutoscalingConfig":

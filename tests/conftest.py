@@ -14,6 +14,12 @@ REPO = Path(__file__).resolve().parent.parent
 CHECKPOINTS = Path(os.environ.get("QWEN3_CHECKPOINTS", REPO / "checkpoints"))
 
 
+def pytest_collection_modifyitems(items):
+    """Multi-node tests start their own Ray cluster and Ray allows one per process: they run first, before anything
+    starts the session's single-node instance (`served`), and shut their cluster down when done."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("multinode") else 1)
+
+
 @pytest.fixture(scope="session")
 def tiny_reranker_path() -> Path:
     return build_checkpoint(CHECKPOINTS / checkpoint_name("rerank", "tiny"), "rerank", "tiny")

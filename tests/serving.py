@@ -82,6 +82,17 @@ class ServeInstance:
         serve.start(http_options={"host": "127.0.0.1", "port": instance.port})
         return instance
 
+    @classmethod
+    def start_on_cluster(cls, port: int, address: str) -> "ServeInstance":
+        """Serve on a running (multi-node) Ray cluster, as a driver connected to `address`."""
+        import ray
+        from ray import serve
+
+        ray.init(address=address, log_to_driver=False)
+        instance = cls(port)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        return instance
+
     def stop(self) -> None:
         import ray
         from ray import serve
@@ -89,13 +100,16 @@ class ServeInstance:
         serve.shutdown()
         ray.shutdown()
 
-    def deploy(self, config: dict[str, Any], timeout_s: float = 180) -> None:
-        """Apply a whole config as `serve deploy` does, then wait until the gateway serves exactly its models."""
+    def deploy(self, config: dict[str, Any], timeout_s: float = 180, wait: bool = True) -> None:
+        """Apply a whole config as `serve deploy` does, then (with `wait`) wait until the gateway serves exactly
+        its models."""
         from ray.serve.context import _get_global_client
         from ray.serve.schema import ServeDeploySchema
 
         checked = ServeConfigFile.model_validate(config)
         _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
+        if not wait:
+            return
         expected = {model.name for model in checked.model_configs()}
         deadline = time.monotonic() + timeout_s
         served: set[str] = set()
