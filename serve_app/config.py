@@ -216,6 +216,13 @@ class GatewayConfig(Strict):
     model_refresh_s: float = Field(default=2.0, gt=0)
     # Seconds a client is told to wait (Retry-After) when a model is overloaded.
     retry_after_s: int = Field(default=1, ge=0)
+    # Browser origins allowed to call the API (CORS). Empty: no CORS headers at all, so browsers refuse
+    # cross-origin calls; API keys belong on servers, not in web pages.
+    cors_allow_origins: list[str] = Field(default_factory=list)
+    # A request whose model has not answered after this gets 504 and its model call is cancelled (not billed).
+    request_timeout_s: float = Field(default=120, gt=0)
+    # Tries of a model call whose replica died before answering (1 = no retry). Safe: models are pure functions.
+    model_call_attempts: int = Field(default=3, ge=1, le=10)
 
 
 # ---- the whole Serve config file ---------------------------------------------------------------------------

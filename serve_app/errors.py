@@ -89,6 +89,12 @@ class ModelUnavailable(ServingError):
     status, type, code = 503, "server_error", "model_unavailable"
 
 
+class RequestTimeout(ServingError):
+    """The model did not answer within the gateway's request_timeout_s."""
+
+    status, type, code = 504, "server_error", "timeout"
+
+
 class StoreUnavailable(ServingError):
     """The database behind API keys and the usage ledger cannot be reached: nothing is served unbilled."""
 
@@ -99,5 +105,5 @@ def status_table() -> dict[str, int]:
     """Kind -> status, for the README and the tests."""
     kinds = [InvalidRequest, Unauthorized, Forbidden, NotFound, ModelNotFound, MethodNotAllowed, IdempotencyConflict,
              PayloadTooLarge,
-             RateLimited, InternalError, Overloaded, ModelUnavailable, StoreUnavailable]
+             RateLimited, InternalError, Overloaded, ModelUnavailable, RequestTimeout, StoreUnavailable]
     return {kind.__name__: kind.status for kind in kinds}

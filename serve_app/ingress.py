@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
@@ -37,8 +38,8 @@ from serve_app.auth import OPEN_PATHS, KeyGuard
 from serve_app.config import GATEWAY_DEPLOYMENT_NAME, GatewayConfig
 from serve_app.directory import ModelDirectory, ModelEntry
 from serve_app.errors import (IdempotencyConflict, InternalError, InvalidRequest, MethodNotAllowed, ModelNotFound,
-                              ModelUnavailable, NotFound, Overloaded, PayloadTooLarge, RateLimited, ServingError,
-                              StoreUnavailable)
+                              ModelUnavailable, NotFound, Overloaded, PayloadTooLarge, RateLimited, RequestTimeout,
+                              ServingError, StoreUnavailable)
 from serve_app.ledger import (MAX_IDEMPOTENCY_KEY_CHARS, Ledger, UsageRecord, fingerprint, request_id, sum_totals,
                               usage_totals)
 from serve_app.metrics import GatewayMetrics
@@ -250,6 +251,12 @@ class Gateway:
             api.state.key_guard = None
             logger.warning("gateway: API-key authentication is OFF (auth.enabled: false): every route is open. "
                            "Use this only on a trusted machine (configs/tiny.yaml).")
+        if self.config.cors_allow_origins:
+            # Outermost middleware: preflight requests (no Authorization header) are answered before auth runs.
+            api.add_middleware(CORSMiddleware, allow_origins=self.config.cors_allow_origins,
+                               allow_methods=["GET", "POST"],
+                               allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+                               expose_headers=["X-Usage-Id", "Retry-After"])
         self.models = ModelDirectory(self.config.model_refresh_s)
         self.ledger = Ledger(self.store_engine)
 
@@ -260,16 +267,28 @@ class Gateway:
         return entry
 
     async def _call(self, entry: ModelEntry, method: str, *args) -> dict[str, Any]:
-        response = getattr(entry.handle, method).remote(*args)
-        try:
-            return await self._await_while_served(entry, response)
-        except RequestCancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - classified below
-            error = model_call_error(exc, self.config.retry_after_s)
+        """One model call, retried when the replica died before answering: the models are pure functions of
+        their input, so a retry is safe, and usage is recorded only once the answer is here. Bounded by
+        model_call_attempts and by the request's deadline (request_timeout_s: 504 past it)."""
+        deadline = time.monotonic() + self.config.request_timeout_s
+        for attempt in range(1, self.config.model_call_attempts + 1):
+            response = getattr(entry.handle, method).remote(*args)
+            try:
+                return await self._await_while_served(entry, response, deadline)
+            except (RequestCancelledError, ServingError):
+                raise
+            except RayActorError as exc:
+                if attempt < self.config.model_call_attempts and time.monotonic() < deadline:
+                    logger.warning("gateway: a %s replica died before answering (%s); retrying, attempt %d of %d",
+                                   entry.name, type(exc).__name__, attempt + 1, self.config.model_call_attempts)
+                    continue
+                error = model_call_error(exc, self.config.retry_after_s)
+            except Exception as exc:  # noqa: BLE001 - classified below
+                error = model_call_error(exc, self.config.retry_after_s)
             if isinstance(error, ServingError):
                 raise error from None
-            raise
+            raise error
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _bill(self, request: Request, model: str, tokens: int, *, documents: int = 0, embeddings: int = 0,
                     dimensions: int | None = None) -> None:
@@ -295,19 +314,26 @@ class Gateway:
             request.app.state.limiter.charge_tokens.remote(key.id, key.tokens_per_minute, tokens)
         api.state.metrics.served(model, usage.route, tokens, documents or embeddings)
 
-    async def _await_while_served(self, entry: ModelEntry, response) -> dict[str, Any]:
-        """The model's answer, unless its application is removed first. A handle to a deleted application
-        waits for replicas that never come, so a request that raced a `serve deploy` removing its model would
-        hang; the directory's refresh notices the removal and the request gets the same 404 as one sent after.
-        """
+    async def _await_while_served(self, entry: ModelEntry, response, deadline: float) -> dict[str, Any]:
+        """The model's answer, unless its application is removed first or the deadline passes (504; the model
+        call is cancelled, which frees its place in the batch queue). A handle to a deleted application waits for
+        replicas that never come, so a request that raced a `serve deploy` removing its model would hang; the
+        directory's refresh notices the removal and the request gets the same 404 as one sent after."""
         async def answer():
             return await response
 
         pending = asyncio.ensure_future(answer())
         while True:
-            done, _ = await asyncio.wait({pending}, timeout=REMOVAL_CHECK_S)
+            done, _ = await asyncio.wait({pending}, timeout=max(0.0, min(REMOVAL_CHECK_S,
+                                                                         deadline - time.monotonic())))
             if done:
                 return pending.result()
+            if time.monotonic() >= deadline:
+                response.cancel()
+                pending.cancel()
+                raise RequestTimeout(f"model {entry.name!r} did not answer within {self.config.request_timeout_s} "
+                                     "s (request_timeout_s); the request was cancelled and not billed",
+                                     headers={"Retry-After": str(self.config.retry_after_s)})
             if self.models.was_removed(entry):
                 response.cancel()
                 pending.cancel()

@@ -7,6 +7,7 @@ of a new config are removed). Ray is started and shut down by the fixture that o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import socket
 import time
@@ -124,6 +125,17 @@ class ServeInstance:
             time.sleep(0.5)
         raise TimeoutError(f"deploy did not converge: gateway serves {served}, expected {expected}; "
                            f"{self.details_text()}")
+
+    @contextlib.contextmanager
+    def gateway_changed(self, config: dict[str, Any], **changes):
+        """The gateway redeployed with some args changed (its replicas restart), and put back afterwards."""
+        changed = copy.deepcopy(config)
+        application(changed, "gateway")["args"].update(changes)
+        self.deploy(changed)
+        try:
+            yield
+        finally:
+            self.deploy(config)
 
     def _all_running(self, config: dict) -> bool:
         from ray import serve

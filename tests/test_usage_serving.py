@@ -2,7 +2,6 @@
 SIGKILLed under load with the ledger still equal to what clients received."""
 
 import asyncio
-import copy
 import os
 import signal
 import threading
@@ -14,7 +13,7 @@ import pytest
 from sqlalchemy import insert, select
 
 from serve_app.store import KeyStore, api_keys, connect, usage_records
-from tests.serving import EMBEDDER, RERANKER, application
+from tests.serving import EMBEDDER, RERANKER
 from tests.texts import DOCUMENTS, QUERIES
 
 
@@ -144,13 +143,8 @@ def gateway_database(request, served, serve_config, key_database):
     with connect(postgres_url).begin() as target:
         target.execute(api_keys.delete())
         target.execute(insert(api_keys), keys)
-    on_postgres = copy.deepcopy(serve_config)
-    application(on_postgres, "gateway")["args"]["database_url"] = postgres_url
-    served.deploy(on_postgres)
-    try:
+    with served.gateway_changed(serve_config, database_url=postgres_url):
         yield postgres_url
-    finally:
-        served.deploy(serve_config)
 
 
 def gateway_replicas() -> list[dict]:
