@@ -1,0 +1,41 @@
+"""Property-based fuzzing of every route from the app's own OpenAPI schema (schemathesis): valid and invalid
+requests alike must never get a 5xx, and every error must be in the OpenAI shape with a message.
+
+Derandomized (the same requests on every run, so CI cannot turn red by luck); at least 1000 requests in all.
+"""
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+
+EXAMPLES_PER_OPERATION = 400
+MIN_REQUESTS = 1000
+sent: list[tuple[str, int]] = []
+
+
+@pytest.fixture(scope="module")
+def api_schema(served):
+    return schemathesis.openapi.from_url(f"{served.url}/openapi.json", headers=served.headers)  # needs a key too
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
+def test_no_request_gets_a_5xx_and_every_error_is_openai_shaped(case, served):
+    response = case.call(base_url=served.url, headers=served.headers, timeout=60)
+    sent.append((f"{case.method} {case.path}", response.status_code))
+    assert response.status_code < 500, (case.method, case.path, case.body, response.text[:500])
+    if response.status_code >= 400:
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"], response.text
+
+
+def test_fuzzing_sent_enough_requests_to_every_operation():
+    operations = {operation for operation, _ in sent}
+    statuses = sorted({status for _, status in sent})
+    print(f"fuzzing: {len(sent)} requests over {len(operations)} operations, statuses {statuses}")
+    assert len(sent) >= MIN_REQUESTS, f"only {len(sent)} fuzzed requests"
+    assert {"POST /v1/embeddings", "POST /v1/rerank", "POST /rerank", "GET /v1/usage"} <= operations, operations
