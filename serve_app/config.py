@@ -97,6 +97,10 @@ class DeploymentOptions(Strict):
     max_ongoing_requests: int = Field(default=32, ge=1)
     # Requests waiting in each caller's queue before Serve answers 503/429; -1 = unbounded.
     max_queued_requests: int = Field(default=256, ge=-1)
+    # What a client gets when that queue is full and Serve refuses the request itself (in front of the gateway,
+    # Serve's proxy answers, not our code): 503 or 429, with Retry-After in seconds so clients back off.
+    backpressure_status: Literal[503, 429] = 503
+    backpressure_retry_after_s: float | None = Field(default=1, ge=0)
     health_check_period_s: float = Field(default=10, gt=0)
     health_check_timeout_s: float = Field(default=30, gt=0)
     graceful_shutdown_timeout_s: float = Field(default=20, ge=0)
@@ -119,6 +123,8 @@ class DeploymentOptions(Strict):
             "ray_actor_options": actor_options,
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
+            "backpressure_config": {"status_code": self.backpressure_status,
+                                    "retry_after_s": self.backpressure_retry_after_s},
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,

@@ -104,6 +104,11 @@ def test_deployment_options_become_serve_options():
                           deployment={"num_gpus": 0.25, "autoscaling": {"max_replicas": 3}}).deployment.serve_options()
     assert options["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0.25}
     assert options["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in options
+    # Serve's own refusals (queue full in front of a deployment) tell clients when to come back.
+    assert options["backpressure_config"] == {"status_code": 503, "retry_after_s": 1}
+    from ray.serve.config import BackpressureConfig
+
+    BackpressureConfig.model_validate(options["backpressure_config"])  # what Serve itself accepts
 
 
 def test_config_checker_cli(tmp_path, capsys):
