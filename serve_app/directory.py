@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, NamedTuple
 
 from serve_app.config import MODEL_DEPLOYMENT_NAME
 from serve_app.errors import InvalidRequest, ModelNotFound
@@ -47,19 +47,22 @@ class ModelEntry:
         return [self.name, *self.facts.get("aliases", [])]
 
 
-def serve_model_apps() -> dict[str, float | None]:
-    """{application name: last deploy time} of deployed model applications; None for one with no running replica
-    (starting, or restarting after a crash). Applications being deleted are left out: their replicas still run for
-    a while but no longer answer."""
+class ModelApp(NamedTuple):
+    deployed_at: float  # the application's last deploy time
+    running: bool  # at least one replica is up (it can describe itself)
+
+
+def serve_model_apps() -> dict[str, ModelApp]:
+    """The deployed model applications. Applications being deleted are left out: their replicas still run for a
+    while but no longer answer."""
     from ray import serve
 
-    deployed: dict[str, float | None] = {}
+    deployed = {}
     for app_name, app in serve.status().applications.items():
         deployment = app.deployments.get(MODEL_DEPLOYMENT_NAME)
         if deployment is None or app.status == "DELETING":
             continue
-        running = deployment.replica_states.get("RUNNING", 0) > 0
-        deployed[app_name] = app.last_deployed_time_s if running else None
+        deployed[app_name] = ModelApp(app.last_deployed_time_s, deployment.replica_states.get("RUNNING", 0) > 0)
     return deployed
 
 
@@ -71,7 +74,7 @@ def serve_app_handle(app_name: str):
 
 class ModelDirectory:
     def __init__(self, refresh_s: float, *,
-                 list_apps: Callable[[], dict[str, float | None]] = serve_model_apps,
+                 list_apps: Callable[[], dict[str, ModelApp]] = serve_model_apps,
                  get_handle: Callable[[str], Any] = serve_app_handle,
                  describe: Callable[[Any], Awaitable[dict]] | None = None):
         self._list_apps = list_apps
@@ -79,7 +82,6 @@ class ModelDirectory:
         self._describe = describe or (lambda handle: handle.describe.remote())
         self._entries: dict[str, ModelEntry] = {}  # by application name
         self._by_name: dict[str, ModelEntry] = {}  # by served name and alias
-        self._deployed: set[str] = set()  # model applications Serve has, running or not
         self._lock = asyncio.Lock()
         self._refreshed_at = 0.0
         self._refresher = Periodic(self.refresh, refresh_s, "the model table")
@@ -118,7 +120,7 @@ class ModelDirectory:
 
     def was_removed(self, entry: ModelEntry) -> bool:
         """True once a refresh finds the application behind `entry` deleted (a replica restart does not count)."""
-        return entry.app_name not in self._deployed
+        return entry.app_name not in self._entries
 
     def names_text(self) -> str:
         return ", ".join(sorted(self._by_name)) or "none (no model is running yet)"
@@ -128,18 +130,25 @@ class ModelDirectory:
     async def refresh(self) -> None:
         async with self._lock:
             deployed = await asyncio.to_thread(self._list_apps)
-            running = {app: deployed_at for app, deployed_at in deployed.items() if deployed_at is not None}
-            fresh = {app: entry for app, entry in self._entries.items()
-                     if running.get(app) == entry.deployed_at}
-            new_apps = [app for app in running if app not in fresh]
-            described = await asyncio.gather(*(self._describe_app(app, running[app]) for app in new_apps))
-            for entry in described:
+            fresh, to_describe = {}, []
+            for app, info in deployed.items():
+                known = self._entries.get(app)
+                if known is not None and (known.deployed_at == info.deployed_at or not info.running):
+                    # Unchanged; or restarting, or redeployed with no new replica up yet: keep serving its names,
+                    # and Serve holds requests until a replica is back (a model never 404s while it restarts).
+                    fresh[app] = known
+                elif info.running:
+                    to_describe.append(app)
+            described = await asyncio.gather(*(self._describe_app(app, deployed[app].deployed_at)
+                                               for app in to_describe))
+            for app, entry in zip(to_describe, described):
                 if entry is not None:
-                    fresh[entry.app_name] = entry
+                    fresh[app] = entry
+                elif app in self._entries:
+                    fresh[app] = self._entries[app]  # redeployed but not answering yet: the old facts still hold
             for app in set(self._entries) - set(fresh):
                 logger.info("gateway: model application %r left the table", app)
             self._entries = fresh
-            self._deployed = set(deployed)
             self._by_name = {name: entry for entry in fresh.values() for name in entry.served_names}
             self._refreshed_at = time.monotonic()
 

@@ -87,8 +87,11 @@ class Ledger:
         """Returns once the row is committed (or was already, for a retry); raises IdempotencyConflict for a key
         reused by a different request, or the database's error if the row could not be written. Either way the
         caller must not send its answer."""
-        if self._writer is None or self._writer.done():
+        if self._queue is None:
             self._queue = asyncio.Queue()
+        if self._writer is None or self._writer.done():
+            # Started on first use (inside the replica's event loop); restarted if it ever ended, and the new
+            # writer drains whatever the old one left queued.
             self._writer = asyncio.get_running_loop().create_task(self._write_forever())
         committed = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((asdict(usage), committed))

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", help="database URL, e.g. postgresql+psycopg://user@host/db")
     parser.add_argument("--config", help="a configs/*.yaml file: its gateway's database_url and its models' prices")
     parser.add_argument("--since", type=date.fromisoformat, help="first UTC day, YYYY-MM-DD (default: all)")
-    parser.add_argument("--until", type=date.fromisoformat, help="last UTC day, inclusive (default: today)")
+    parser.add_argument("--until", type=date.fromisoformat, help="last UTC day, inclusive (default: all)")
     parser.add_argument("--key", help="only this key id")
     parser.add_argument("--by", default="key,model,day",
                         help="comma-separated grouping, any of key, model, day (default: key,model,day)")

@@ -11,7 +11,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app.config import GatewayConfig, ModelConfig, ServeConfigFile, load_config_file, main, validate_args
-from serve_app.directory import ModelDirectory
+from serve_app.directory import ModelApp, ModelDirectory
 from serve_app.errors import InvalidRequest, ModelNotFound
 from serve_app.loading import ModelLoadError, fetch_weights
 
@@ -148,12 +148,12 @@ class FakeServe:
     """Stands in for the Serve controller and the model replicas: which apps run, what they describe."""
 
     def __init__(self):
-        self.apps: dict[str, float | None] = {}
+        self.apps: dict[str, ModelApp] = {}
         self.facts: dict[str, dict] = {}
         self.describe_calls: list[str] = []
 
     def add(self, app, task, aliases=(), deployed_at=1.0):
-        self.apps[app] = deployed_at
+        self.apps[app] = ModelApp(deployed_at, running=True)
         self.facts[app] = {"name": app, "task": task, "aliases": list(aliases), "source": app, "max_length": 8192}
 
     def directory(self):
@@ -177,11 +177,12 @@ def test_directory_resolves_names_aliases_and_refreshes_on_a_miss():
         assert (await directory.resolve("emb", "embed")).name == "emb"
         with pytest.raises(InvalidRequest, match="is a rerank model; embed models: emb"):
             await directory.resolve("rr", "embed")
-        fake.apps["rr"] = None  # its only replica is restarting: not served, but not removed either
+        fake.apps["rr"] = ModelApp(1.0, running=False)  # its only replica is restarting: still served (Serve
+        await directory.refresh()  # holds requests until it is back), never a 404
+        assert await directory.resolve("rr", "rerank") is reranker and not directory.was_removed(reranker)
+        fake.apps["rr"] = ModelApp(5.0, running=False)  # redeployed, no new replica up yet: the old facts hold
         await directory.refresh()
-        with pytest.raises(ModelNotFound, match="served models: emb"):
-            await directory.resolve("rr", "rerank")
-        assert not directory.was_removed(reranker)
+        assert await directory.resolve("rr", "rerank") is reranker
         del fake.apps["rr"]
         await directory.refresh()
         assert directory.was_removed(reranker)  # requests still waiting on it now get a 404
