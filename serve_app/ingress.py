@@ -288,7 +288,6 @@ class Gateway:
             if isinstance(error, ServingError):
                 raise error from None
             raise error
-        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _bill(self, request: Request, model: str, tokens: int, *, documents: int = 0, embeddings: int = 0,
                     dimensions: int | None = None) -> None:

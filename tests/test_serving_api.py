@@ -231,6 +231,14 @@ BAD_REQUESTS = [
     ("/v2/rerank", {"model": EMBEDDER, "query": "q", "documents": ["a"]}, 400, "model", "wrong_model_task"),
     ("/rerank", {"model": "nope", "query": "q", "documents": ["a"]}, 404, "model", "model_not_found"),
     ("/rerank", [1, 2], 400, None, None),
+    ("/v1/embeddings", {"input": "x"}, 400, "model", None),
+    ("/v1/embeddings", {"model": EMBEDDER, "input": "x", "dimensions": -5}, 400, "dimensions", None),
+    ("/v1/embeddings", {"model": EMBEDDER, "input": "x", "dimensions": 10**6}, 400, "dimensions", None),
+    ("/v1/rerank", {"model": RERANKER, "query": 123, "documents": ["a"]}, 400, "query", None),
+    ("/v1/rerank", {"model": RERANKER, "query": "q", "documents": "a"}, 400, "documents", None),
+    ("/v1/rerank", {"model": RERANKER, "query": "q", "documents": ["a"], "top_n": -1}, 400, "top_n", None),
+    ("/v1/rerank", {"model": RERANKER, "query": "q", "documents": ["d"] * 10_000}, 413, "documents", None),
+    ("/v1/embeddings", {"model": EMBEDDER, "input": "x" * (5 << 20)}, 413, None, None),
 ]
 
 
@@ -247,6 +255,13 @@ def test_unknown_model_lists_the_served_names(http):
 @pytest.mark.parametrize("raw", [b"{not json", b"", b"\xff\xfe"])
 def test_malformed_json_is_400(http, raw):
     assert_error(http.post("/v1/embeddings", content=raw, headers={"content-type": "application/json"}), 400)
+
+
+def test_content_type_is_not_required_but_the_body_must_be_json(http):
+    """curl -d sends form encoding: a JSON body is read whatever the Content-Type says; a form body is a 400."""
+    body = b'{"model": "%s", "input": "x"}' % EMBEDDER.encode()
+    assert http.post("/v1/embeddings", content=body, headers={"content-type": "text/plain"}).status_code == 200
+    assert_error(http.post("/v1/embeddings", data={"model": EMBEDDER, "input": "x"}), 400)
 
 
 def test_unknown_route_and_method(http):
