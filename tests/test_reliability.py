@@ -165,3 +165,40 @@ def test_no_route_or_method_variant_answers_without_a_key(served, path, method):
     response = httpx.request(method, f"{served.url}{path}", json={"model": RERANKER, "query": "q",
                                                                     "documents": ["d"], "input": "x"})
     assert response.status_code == 401, (method, path, response.status_code)
+
+
+def test_a_client_that_disconnects_is_cancelled_before_it_runs_and_is_not_billed(served, key_store, key_database):
+    """The narrow reranker runs one request at a time. A request queued behind a long one whose client hangs up
+    is cancelled through proxy, gateway and handle: it never reaches the engine (the model's job count shows it)
+    and it is not billed, while the requests around it are served."""
+    import asyncio
+
+    key, secret = key_store.create("disconnect")
+    headers = {"Authorization": f"Bearer {secret}"}
+    heavy = {"model": NARROW_RERANKER, "query": QUERIES[0], "documents": [DOCUMENTS[4] * 8] * 1000}
+    small = {"model": NARROW_RERANKER, "query": "q", "documents": ["d"]}
+    model = served.model_handle(NARROW_RERANKER)
+
+    def jobs_run() -> int:  # batched jobs plus jobs too large for a batch, which run alone
+        stats = model.stats.remote().result(timeout_s=30)
+        return stats["jobs"] + stats["solo_jobs"]
+
+    jobs_before = jobs_run()
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=served.url, headers=headers, timeout=120) as client:
+            running = asyncio.create_task(client.post("/v1/rerank", json=heavy))
+            await asyncio.sleep(1.0)  # the heavy request is inside the replica
+            with pytest.raises(httpx.ReadTimeout):  # queued behind it; this client gives up and disconnects
+                await client.post("/v1/rerank", json=small, timeout=1.0)
+            assert not running.done(), "the heavy request finished too soon for this test to mean anything"
+            return await running, await client.post("/v1/rerank", json=small)
+
+    first, after = asyncio.run(scenario())
+    assert first.status_code == 200 and after.status_code == 200, (first.text, after.text)
+    time.sleep(2)  # had the abandoned request survived, it would have run by now
+    assert jobs_run() - jobs_before == 2  # the heavy one and the last one; a surviving third would make it 3
+    with connect(key_database).connect() as connection:
+        billed = {row.request_id for row in connection.execute(
+            select(usage_records.c.request_id).where(usage_records.c.key_id == key.id))}
+    assert billed == {first.headers["X-Usage-Id"], after.headers["X-Usage-Id"]}
