@@ -296,8 +296,13 @@ class Gateway:
         nothing is served unbilled."""
         key = getattr(request.state, "api_key", None)
         route = route_label(request)
+        # Only a request that carries an Idempotency-Key can meet its id again; others get a fresh id and no
+        # fingerprint, so the body (up to max_body_bytes) is hashed only when it can matter, and off the event loop.
+        body_fingerprint = ""
+        if request.headers.get("idempotency-key") is not None:
+            body_fingerprint = await asyncio.to_thread(fingerprint, route, await request.body())
         usage = UsageRecord(request_id=request.state.request_id, key_id=key.id if key else None, model=model,
-                            fingerprint=fingerprint(route, await request.body()), route=route,
+                            fingerprint=body_fingerprint, route=route,
                             input_tokens=tokens, documents=documents, search_units=search_units(documents),
                             embeddings=embeddings, dimensions=dimensions,
                             trace_id=request.headers.get("x-request-id"),
@@ -311,7 +316,7 @@ class Gateway:
                                    headers={"Retry-After": str(self.config.retry_after_s)}) from exc
         if key is not None and key.tokens_per_minute:
             request.app.state.limiter.charge_tokens.remote(key.id, key.tokens_per_minute, tokens)
-        api.state.metrics.served(model, usage.route, tokens, documents or embeddings)
+        request.app.state.metrics.served(model, route, tokens, documents or embeddings)
 
     async def _await_while_served(self, entry: ModelEntry, response, deadline: float) -> dict[str, Any]:
         """The model's answer, unless its application is removed first or the deadline passes (504; the model
@@ -328,16 +333,18 @@ class Gateway:
             if done:
                 return pending.result()
             if time.monotonic() >= deadline:
-                response.cancel()
-                pending.cancel()
-                raise RequestTimeout(f"model {entry.name!r} did not answer within {self.config.request_timeout_s} "
-                                     "s (request_timeout_s); the request was cancelled and not billed",
-                                     headers={"Retry-After": str(self.config.retry_after_s)})
-            if self.models.was_removed(entry):
-                response.cancel()
-                pending.cancel()
-                raise ModelNotFound(f"model {entry.name!r} was removed while this request waited; served "
-                                    f"models: {self.models.names_text()}", param="model")
+                failure: ServingError = RequestTimeout(
+                    f"model {entry.name!r} did not answer within {self.config.request_timeout_s} s "
+                    "(request_timeout_s); the request was cancelled and not billed",
+                    headers={"Retry-After": str(self.config.retry_after_s)})
+            elif self.models.was_removed(entry):
+                failure = ModelNotFound(f"model {entry.name!r} was removed while this request waited; served "
+                                        f"models: {self.models.names_text()}", param="model")
+            else:
+                continue
+            response.cancel()
+            pending.cancel()
+            raise failure
 
     # ---- embeddings ---------------------------------------------------------------------------------------
 

@@ -38,8 +38,8 @@ api_keys = Table(
 )
 
 # One row per served request (serve_app/ledger.py writes them). request_id is unique: a retry that repeats a
-# request's Idempotency-Key maps to the same id and is recorded once; fingerprint (SHA-256 of route and body)
-# tells a true retry from a different request reusing the key.
+# request's Idempotency-Key maps to the same id and is recorded once; fingerprint (SHA-256 of route and body,
+# empty for requests without that header) tells a true retry from a different request reusing the key.
 usage_records = Table(
     "usage_records", metadata,
     Column("seq", Integer, primary_key=True, autoincrement=True),

@@ -186,6 +186,8 @@ def test_directory_resolves_names_aliases_and_refreshes_on_a_miss():
         del fake.apps["rr"]
         await directory.refresh()
         assert directory.was_removed(reranker)  # requests still waiting on it now get a 404
+        with pytest.raises(ModelNotFound, match="served models: emb"):  # and so do new ones
+            await directory.resolve("rr", "rerank")
         calls = len(fake.describe_calls)
         await directory.refresh()  # nothing changed: nothing re-described
         assert len(fake.describe_calls) == calls

@@ -9,7 +9,6 @@ the declared (logical) GPUs exactly as it would on real ones.
 from __future__ import annotations
 
 import asyncio
-import copy
 import time
 
 import httpx
@@ -180,7 +179,6 @@ def test_autoscaling_follows_load_up_and_back_down(multinode, reference):
     peak = 1
 
     async def load(stop_after_s: float) -> None:
-        nonlocal peak
         async with httpx.AsyncClient(base_url=multinode.serve.url, timeout=60) as client:
             stop = time.monotonic() + stop_after_s
 
