@@ -21,9 +21,11 @@ from serve_app.periodic import Periodic
 
 logger = logging.getLogger("ray.serve")
 
-# A model that does not answer describe() within this is left out until the next refresh. A miss refresh runs on
-# a request's path, so this bounds how long an unknown name can wait.
-DESCRIBE_TIMEOUT_S = 2.0
+# A model that does not answer describe() within this is left out, and the next lookup or listing refreshes again
+# (not only the background refresh). A miss refresh runs on a request's path, so this bounds how long an unknown
+# name can wait. The first call from a fresh gateway replica also sets up its handle, which took over 2 s on the
+# busy 2-core test machine.
+DESCRIBE_TIMEOUT_S = 5.0
 MISS_REFRESH_MIN_INTERVAL_S = 0.5
 
 
@@ -84,6 +86,7 @@ class ModelDirectory:
         self._by_name: dict[str, ModelEntry] = {}  # by served name and alias
         self._lock = asyncio.Lock()
         self._refreshed_at = 0.0
+        self._undescribed: set[str] = set()  # running applications the last refresh could not describe
         self._refresher = Periodic(self.refresh, refresh_s, "the model table")
 
     # ---- lookups ------------------------------------------------------------------------------------------
@@ -92,7 +95,7 @@ class ModelDirectory:
         """The model a request names; 404 listing the served names when unknown, 400 for the wrong task."""
         self._refresher.ensure_started()
         entry = self._by_name.get(name)
-        if entry is None and time.monotonic() - self._refreshed_at > MISS_REFRESH_MIN_INTERVAL_S:
+        if entry is None and self._refresh_allowed():
             await self.refresh()
             entry = self._by_name.get(name)
         if entry is None:
@@ -114,13 +117,16 @@ class ModelDirectory:
 
     async def entries(self) -> list[ModelEntry]:
         self._refresher.ensure_started()
-        if not self._entries:
+        if not self._entries or (self._undescribed and self._refresh_allowed()):
             await self.refresh()
         return sorted(self._entries.values(), key=lambda e: e.name)
 
     def was_removed(self, entry: ModelEntry) -> bool:
         """True once a refresh finds the application behind `entry` deleted (a replica restart does not count)."""
         return entry.app_name not in self._entries
+
+    def _refresh_allowed(self) -> bool:
+        return time.monotonic() - self._refreshed_at > MISS_REFRESH_MIN_INTERVAL_S
 
     def names_text(self) -> str:
         return ", ".join(sorted(self._by_name)) or "none (no model is running yet)"
@@ -141,15 +147,19 @@ class ModelDirectory:
                     to_describe.append(app)
             described = await asyncio.gather(*(self._describe_app(app, deployed[app].deployed_at)
                                                for app in to_describe))
+            undescribed = set()
             for app, entry in zip(to_describe, described):
                 if entry is not None:
                     fresh[app] = entry
                 elif app in self._entries:
                     fresh[app] = self._entries[app]  # redeployed but not answering yet: the old facts still hold
+                else:
+                    undescribed.add(app)
             for app in set(self._entries) - set(fresh):
                 logger.info("gateway: model application %r left the table", app)
             self._entries = fresh
             self._by_name = {name: entry for entry in fresh.values() for name in entry.served_names}
+            self._undescribed = undescribed
             self._refreshed_at = time.monotonic()
 
     async def _describe_app(self, app_name: str, deployed_at: float) -> ModelEntry | None:

@@ -114,13 +114,15 @@ class ServeInstance:
         expected = {model.name for model in checked.model_configs()}
         deadline = time.monotonic() + timeout_s
         served: set[str] = set()
+        agreeing = 0  # consecutive listings that match: each may come from a different gateway replica
         while time.monotonic() < deadline:
             try:
                 response = httpx.get(f"{self.url}/v1/models", headers=self.headers, timeout=10)
                 served = {card["id"] for card in response.json()["data"]} if response.status_code == 200 else set()
             except httpx.HTTPError:
                 served = set()
-            if served == expected and self._all_running(config):
+            agreeing = agreeing + 1 if served == expected and self._all_running(config) else 0
+            if agreeing == 4:
                 return
             time.sleep(0.5)
         raise TimeoutError(f"deploy did not converge: gateway serves {served}, expected {expected}; "

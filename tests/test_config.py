@@ -203,14 +203,19 @@ def test_directory_skips_a_model_that_cannot_describe_itself():
     fake.add("ok", "embed")
     fake.add("broken", "embed")
 
+    broken = {"broken"}
+
     async def describe(app):
-        if app == "broken":
-            raise RuntimeError("replica died")
+        if app in broken:
+            raise RuntimeError("replica not answering yet")
         return fake.facts[app]
 
     async def scenario():
         directory = ModelDirectory(60, list_apps=lambda: dict(fake.apps), get_handle=lambda a: a, describe=describe)
         assert [entry.name for entry in await directory.entries()] == ["ok"]
+        broken.clear()  # it answers now: the next listing retries at once, not after the 60 s background refresh
+        await asyncio.sleep(0.6)
+        assert [entry.name for entry in await directory.entries()] == ["broken", "ok"]
 
     asyncio.run(scenario())
 
