@@ -9,9 +9,20 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
 NonNegativeTokenId = Annotated[StrictInt, Field(ge=0)]
+
+
+def _has_text(query: str) -> str:
+    # The model would score an empty query (the model card's prompt allows it), but every document would
+    # then be ranked against nothing: that is a client bug, so say so instead of billing for noise.
+    if not query.strip():
+        raise ValueError("query must not be empty or only whitespace: send the text to rank the documents against")
+    return query
+
+
+QueryText = Annotated[StrictStr, AfterValidator(_has_text)]
 
 
 class WireModel(BaseModel):
@@ -75,7 +86,7 @@ class DocumentObject(WireModel):
 
 class RerankRequest(WireModel):
     model: StrictStr
-    query: StrictStr
+    query: QueryText
     documents: list[StrictStr | DocumentObject] = Field(min_length=1)
     top_n: StrictInt | None = Field(default=None, ge=1)
     return_documents: bool = True
@@ -119,7 +130,7 @@ class TEIRerankRequest(WireModel):
     uses the only reranker, or `model` when several are served."""
 
     model: StrictStr | None = None
-    query: StrictStr
+    query: QueryText
     texts: list[StrictStr] = Field(min_length=1)
     raw_scores: bool = False
     return_text: bool = False

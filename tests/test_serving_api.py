@@ -239,12 +239,21 @@ BAD_REQUESTS = [
     ("/v1/rerank", {"model": RERANKER, "query": "q", "documents": ["a"], "top_n": -1}, 400, "top_n", None),
     ("/v1/rerank", {"model": RERANKER, "query": "q", "documents": ["d"] * 10_000}, 413, "documents", None),
     ("/v1/embeddings", {"model": EMBEDDER, "input": "x" * (5 << 20)}, 413, None, None),
+    ("/v1/rerank", {"model": RERANKER, "query": "", "documents": ["a"]}, 400, "query", None),
+    ("/v2/rerank", {"model": RERANKER, "query": " \n\t", "documents": ["a"]}, 400, "query", None),
+    ("/rerank", {"model": RERANKER, "query": "", "texts": ["a"]}, 400, "query", None),
 ]
 
 
 @pytest.mark.parametrize("path, body, status, param, code", BAD_REQUESTS)
 def test_bad_requests_get_openai_errors(http, path, body, status, param, code):
     assert_error(http.post(path, json=body), status, param=param, code=code)
+
+
+def test_empty_query_says_what_to_send(http):
+    error = assert_error(http.post("/v1/rerank", json={"model": RERANKER, "query": "", "documents": ["a"]}), 400,
+                         param="query")
+    assert "query must not be empty" in error["message"]
 
 
 def test_unknown_model_lists_the_served_names(http):
