@@ -44,6 +44,7 @@ def serve_config(path: Path, port: int, args) -> dict:
                                          "max_queued_requests": args.gateway_queued}}},
                 {"name": MODEL, "route_prefix": None, "import_path": "serve_app.app:model_app",
                  "args": {"name": MODEL, "task": "rerank", "source": str(path), "device": "cpu",
+                          "batching": {"max_waiting_requests": args.max_waiting},
                           "deployment": {"num_cpus": args.cpus, "max_ongoing_requests": args.max_ongoing,
                                          "max_queued_requests": args.max_queued}}}]}
 
@@ -131,6 +132,8 @@ def main() -> None:
     parser.add_argument("--latency-samples", type=int, default=30)
     parser.add_argument("--max-ongoing", type=int, default=16)
     parser.add_argument("--max-queued", type=int, default=16)
+    parser.add_argument("--max-waiting", type=int, default=None,
+                        help="the model's batching.max_waiting_requests (default: unbounded, Serve's limits only)")
     parser.add_argument("--gateway-ongoing", type=int, default=256, help="the gateway's max_ongoing_requests")
     parser.add_argument("--gateway-queued", type=int, default=1024, help="the gateway's max_queued_requests")
     # One torch thread by default: on a 2-core machine the model would otherwise take both cores from the proxy,
@@ -144,7 +147,8 @@ def main() -> None:
                             args.shape, layers)
     documents = make_texts(args.docs, 20, 80, seed=3)
     print(f"shape {args.shape} layers {layers or 'all'}; rerank 1 query x {args.docs} docs; model replica "
-          f"{args.cpus} CPU, max_ongoing_requests {args.max_ongoing}, max_queued_requests {args.max_queued}; "
+          f"{args.cpus} CPU, max_ongoing_requests {args.max_ongoing}, max_queued_requests {args.max_queued}, "
+          f"max_waiting_requests {args.max_waiting}; "
           f"gateway {args.gateway_ongoing}/{args.gateway_queued}; overload "
           f"{args.factor:g}x for {args.seconds:g} s", flush=True)
 

@@ -62,6 +62,12 @@ class BatchingConfig(Strict):
     max_batch_tokens: int = Field(default=65536, ge=256)
     # How long the first request of a batch waits for company. Small: on an idle replica it is pure latency.
     max_wait_ms: float = Field(default=2.0, ge=0, le=1000)
+    # Requests a replica accepts while its engine is busy, beyond those in the running forward pass; the next
+    # one is refused at once (503 + Retry-After) instead of waiting. Bounds latency per replica, whatever the
+    # number of gateway replicas (Serve's max_queued_requests counts per caller, and is at least 1). 0: an
+    # accepted request never waits for a whole forward pass (CPU, where batching adds no throughput). None: only
+    # Serve's max_ongoing_requests bounds it.
+    max_waiting_requests: int | None = Field(default=None, ge=0)
 
 
 class AutoscalingConfig(Strict):

@@ -17,7 +17,9 @@ Only text and numbers cross the handle hop: scores, token counts and float32 vec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +30,7 @@ from ray import serve
 
 from models.errors import EngineInputError
 from serve_app.config import MODEL_DEPLOYMENT_NAME, BatchingConfig, ModelConfig
-from serve_app.errors import InternalError, InvalidRequest
+from serve_app.errors import InternalError, InvalidRequest, Overloaded
 from serve_app.loading import load_engine
 from serve_app.metrics import ModelMetrics
 
@@ -70,6 +72,8 @@ class ModelServer:
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
         self._batching = BatchingConfig()
         self._busy = 0
+        self._held = 0  # requests inside this replica (tokenizing, queued or running)
+        self._running = 0  # of those, the ones in the forward pass now running
         # Jobs waiting for the engine thread, drained by _engine_loop.
         self._engine_queue: deque = deque()
         self._engine_wakeup = asyncio.Event()
@@ -102,16 +106,18 @@ class ModelServer:
     async def rerank(self, query: str, documents: list[str], instruction: str | None = None,
                      max_tokens_per_doc: int | None = None, truncate: bool = True) -> dict[str, Any]:
         self._require_task("rerank")
-        job = await self._tokenize(self.engine.tokenize, query, documents, instruction, max_tokens_per_doc,
-                                   truncate)
-        result = await self._submit(job)
+        with self._admitted():
+            job = await self._tokenize(self.engine.tokenize, query, documents, instruction, max_tokens_per_doc,
+                                       truncate)
+            result = await self._submit(job)
         return {"scores": result.scores, "logits": result.logits, "token_counts": result.token_counts}
 
     async def embed(self, inputs: list[str] | list[list[int]], instruction: str | None = None,
                     dimensions: int | None = None, truncate: bool = True) -> dict[str, Any]:
         self._require_task("embed")
-        job = await self._tokenize(self.engine.tokenize, inputs, instruction, dimensions, truncate)
-        result = await self._submit(job)
+        with self._admitted():
+            job = await self._tokenize(self.engine.tokenize, inputs, instruction, dimensions, truncate)
+            result = await self._submit(job)
         return {"embeddings": result.embeddings, "token_counts": result.token_counts}
 
     async def stats(self) -> dict[str, Any]:
@@ -136,6 +142,21 @@ class ModelServer:
         if self.config.task != task:
             raise InvalidRequest(f"model {self.config.name!r} is a {self.config.task} model, not {task}",
                                  param="model", code="wrong_model_task")
+
+    @contextlib.contextmanager
+    def _admitted(self):
+        """Hold a request in this replica, or refuse it at once when max_waiting_requests would be exceeded."""
+        limit = self._batching.max_waiting_requests
+        if limit is not None and self._busy and self._held - self._running >= limit:
+            retry_after = self.config.deployment.backpressure_retry_after_s
+            headers = {} if retry_after is None else {"Retry-After": str(max(1, math.ceil(retry_after)))}
+            raise Overloaded(f"model {self.config.name!r} is busy ({self._held - self._running} requests waiting, "
+                             f"max_waiting_requests {limit}); retry shortly", headers=headers)
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
 
     async def _tokenize(self, tokenize, *args):
         loop = asyncio.get_running_loop()
@@ -203,6 +224,7 @@ class ModelServer:
                 if not taken:
                     continue
                 self._busy += 1
+                self._running = len(taken)
                 try:
                     results = await loop.run_in_executor(self._engine_thread, self._run_measured,
                                                          [job for job, _ in taken], waits)
@@ -210,6 +232,7 @@ class ModelServer:
                     results = [InternalError(f"engine loop failed: {exc!r}")] * len(taken)
                 finally:
                     self._busy -= 1
+                    self._running = 0
                 self._stats["engine_runs"] += 1
                 for (_, future), result in zip(taken, results):
                     if not future.done():

@@ -6,7 +6,7 @@ import pytest
 
 from models.reranker import RerankJob
 from serve_app.deployment import ModelServer, job_tokens
-from serve_app.errors import InternalError
+from serve_app.errors import InternalError, Overloaded
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +47,37 @@ class Unsized:
 ])
 def test_batch_size_fn_never_raises(jobs, expected):
     assert job_tokens(jobs) == expected
+
+
+def test_max_waiting_requests_refuses_at_once_while_the_engine_is_busy(tiny_reranker_path):
+    server = ModelServer.func_or_class({"name": "r", "task": "rerank", "source": str(tiny_reranker_path),
+                                        "device": "cpu", "deployment": {"backpressure_retry_after_s": 2}})
+    # Every job here is over max_batch_tokens, so it skips @serve.batch (which needs a running Serve replica) and
+    # goes straight to the engine queue, where admission is decided.
+    server.reconfigure({"max_waiting_requests": 0, "max_batch_tokens": 256})
+    heavy = ["a long document about pandas and bamboo " * 40] * 300
+    light = ["bamboo " * 300]
+
+    async def in_forward_pass(request):
+        task = asyncio.create_task(request)
+        while not server._busy:
+            await asyncio.sleep(0.005)
+        return task
+
+    async def scenario():
+        running = await in_forward_pass(server.rerank("q", heavy))
+        with pytest.raises(Overloaded) as refused:
+            await server.rerank("q", light)
+        assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "2"}
+        assert len((await running)["scores"]) == 300
+        assert len((await server.rerank("q", light))["scores"]) == 1  # the engine is free again: accepted
+
+        server.reconfigure({"max_waiting_requests": 1, "max_batch_tokens": 256})  # one may wait behind the pass
+        running = await in_forward_pass(server.rerank("q", heavy))
+        waiting = asyncio.create_task(server.rerank("q", light))
+        await asyncio.sleep(0.05)
+        with pytest.raises(Overloaded):
+            await server.rerank("q", light)
+        assert len((await running)["scores"]) == 300 and len((await waiting)["scores"]) == 1
+
+    asyncio.run(scenario())
