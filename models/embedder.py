@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers import AutoModel
 
-from models.base import DEFAULT_MAX_BATCH_ITEMS, DEFAULT_MAX_LENGTH, Qwen3Engine, Runtime
+from models.base import DEFAULT_MAX_BATCH_ITEMS, DEFAULT_MAX_LENGTH, Qwen3Engine, Runtime, TokenIds, join_ids
 from models.errors import EngineInputError
 
 END_OF_TEXT = "<|endoftext|>"
@@ -27,7 +27,7 @@ def query_text(text: str, instruction: str) -> str:
 
 @dataclass
 class EmbedJob:
-    input_ids: list[list[int]]
+    input_ids: list[TokenIds]
     dimensions: int
 
     @property
@@ -80,17 +80,20 @@ class Qwen3Embedder(Qwen3Engine):
         if all(isinstance(item, str) for item in inputs):
             if instruction is not None:
                 inputs = [query_text(text, instruction) for text in inputs]
-            ids = self.tokenizer(list(inputs), add_special_tokens=True)["input_ids"]
-            if not self.tokenizer_appends_eos:
-                ids = [seq + [self.eos_id] for seq in ids]
+            def fit(position: int, ids: list[int]) -> TokenIds:
+                if not self.tokenizer_appends_eos:
+                    ids = ids + [self.eos_id]
+                return self._fit(ids, position, truncate)
+
+            sequences = self.encode_texts(list(inputs), fit, add_special_tokens=True)
         elif all(isinstance(item, list) for item in inputs):
             if instruction is not None:
                 raise EngineInputError("instruction applies to text inputs only, not token ids", param="instruction")
-            ids = [self._checked_token_ids(seq, position) for position, seq in enumerate(inputs)]
+            sequences = [self._fit(self._checked_token_ids(seq, position), position, truncate)
+                         for position, seq in enumerate(inputs)]
         else:
             raise EngineInputError("input must be all strings or all lists of token ids", param="input")
-        return EmbedJob(input_ids=[self._fit(seq, position, truncate) for position, seq in enumerate(ids)],
-                        dimensions=dimensions)
+        return EmbedJob(input_ids=sequences, dimensions=dimensions)
 
     def _check_dimensions(self, dimensions: int | None) -> int:
         if dimensions is None:
@@ -111,13 +114,13 @@ class Qwen3Embedder(Qwen3Engine):
         # Pre-tokenized inputs usually come without the end token; pooling needs it at the last position.
         return seq if seq[-1] == self.eos_id else seq + [self.eos_id]
 
-    def _fit(self, seq: list[int], position: int, truncate: bool) -> list[int]:
+    def _fit(self, seq: list[int], position: int, truncate: bool) -> TokenIds:
         if len(seq) <= self.max_length:
-            return seq
+            return join_ids(seq)
         if not truncate:
             raise EngineInputError(f"input[{position}] has {len(seq)} tokens; the limit is {self.max_length}",
                                    param="input")
-        return seq[:self.max_length - 1] + [self.eos_id]
+        return join_ids(seq[:self.max_length - 1], [self.eos_id])
 
     # ---- forward + postprocess -------------------------------------------------------------------------
 

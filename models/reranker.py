@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM
 
-from models.base import DEFAULT_MAX_BATCH_ITEMS, DEFAULT_MAX_LENGTH, Qwen3Engine, Runtime
+from models.base import DEFAULT_MAX_BATCH_ITEMS, DEFAULT_MAX_LENGTH, Qwen3Engine, Runtime, TokenIds, join_ids
 from models.errors import EngineInputError
 
 PREFIX = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
@@ -38,8 +38,8 @@ def document_text(document: str) -> str:
 class RerankJob:
     """One request, tokenized: a shared head and one tail per document (document + SUFFIX)."""
 
-    head_ids: list[int]
-    tail_ids: list[list[int]]
+    head_ids: TokenIds
+    tail_ids: list[TokenIds]
 
     @property
     def token_counts(self) -> list[int]:
@@ -102,7 +102,7 @@ class Qwen3Reranker(Qwen3Engine):
         if max_tokens_per_doc is not None and max_tokens_per_doc < 1:
             raise EngineInputError("max_tokens_per_doc must be a positive integer", param="max_tokens_per_doc")
         instruction = self.default_instruction if instruction is None else instruction
-        head_ids = self.prefix_ids + self.encode_text(query_head_text(query, instruction))
+        head_ids = join_ids(self.prefix_ids, self.encode_text(query_head_text(query, instruction)))
         room = self.max_length - len(head_ids) - len(self.suffix_ids)
         if room < self._min_document_tokens:
             raise EngineInputError(
@@ -112,15 +112,16 @@ class Qwen3Reranker(Qwen3Engine):
         if max_tokens_per_doc is not None:
             # The cap counts the document's own tokens, after the "<Document>:" marker.
             room = min(room, self._min_document_tokens + max_tokens_per_doc)
-        encoded = self.tokenizer([document_text(d) for d in documents], add_special_tokens=False)["input_ids"]
-        if not truncate:
-            for position, ids in enumerate(encoded):
-                if len(ids) > room:
-                    raise EngineInputError(
-                        f"document {position} takes {len(ids)} tokens, more than the {room} that fit in "
-                        f"max_length {self.max_length} with this query; shorten it or allow truncation",
-                        param="documents")
-        tails = [ids[:room] + self.suffix_ids for ids in encoded]
+
+        def tail(position: int, ids: list[int]) -> TokenIds:
+            if not truncate and len(ids) > room:
+                raise EngineInputError(
+                    f"document {position} takes {len(ids)} tokens, more than the {room} that fit in "
+                    f"max_length {self.max_length} with this query; shorten it or allow truncation",
+                    param="documents")
+            return join_ids(ids[:room], self.suffix_ids)
+
+        tails = self.encode_texts([document_text(d) for d in documents], tail, add_special_tokens=False)
         return RerankJob(head_ids=head_ids, tail_ids=tails)
 
     # ---- forward + postprocess -------------------------------------------------------------------------
@@ -137,7 +138,7 @@ class Qwen3Reranker(Qwen3Engine):
             else:
                 pooled_jobs.append(index)
         if pooled_jobs:
-            sequences = [jobs[i].head_ids + tail for i in pooled_jobs for tail in jobs[i].tail_ids]
+            sequences = [join_ids(jobs[i].head_ids, tail) for i in pooled_jobs for tail in jobs[i].tail_ids]
             pooled = self._logits(self.last_token_states(sequences))
             start = 0
             for index in pooled_jobs:

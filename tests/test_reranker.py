@@ -84,12 +84,12 @@ def test_truncation_matches_model_card_at_short_max_length(tiny_reranker_path, e
 
 def test_truncation_cuts_only_the_document_and_keeps_the_suffix(engine):
     job = engine.tokenize(QUERIES[0], [LONG_DOCUMENT, "short"])
-    long_tail, short_tail = job.tail_ids
+    long_tail, short_tail = (tail.tolist() for tail in job.tail_ids)
+    suffix, prefix = engine.suffix_ids.tolist(), engine.prefix_ids.tolist()
     assert job.token_counts[0] == engine.max_length
-    assert long_tail[-len(engine.suffix_ids):] == engine.suffix_ids
-    assert short_tail[-len(engine.suffix_ids):] == engine.suffix_ids
-    assert job.head_ids[:len(engine.prefix_ids)] == engine.prefix_ids
-    text = engine.tokenizer.decode(job.head_ids + long_tail)
+    assert long_tail[-len(suffix):] == suffix and short_tail[-len(suffix):] == suffix
+    assert job.head_ids.tolist()[:len(prefix)] == prefix
+    text = engine.tokenizer.decode(job.head_ids.tolist() + long_tail)
     assert QUERIES[0] in text and text.endswith("<think>\n\n</think>\n\n")
 
 
@@ -103,7 +103,7 @@ def test_max_tokens_per_doc_caps_each_document(engine):
     job = engine.tokenize(QUERIES[0], [LONG_DOCUMENT, "tiny doc"], max_tokens_per_doc=20)
     marker = engine._min_document_tokens
     assert len(job.tail_ids[0]) == marker + 20 + len(engine.suffix_ids)
-    assert job.tail_ids[1] == engine.tokenize(QUERIES[0], ["tiny doc"]).tail_ids[0]
+    assert job.tail_ids[1].tolist() == engine.tokenize(QUERIES[0], ["tiny doc"]).tail_ids[0].tolist()
 
 
 def test_truncate_false_refuses_a_document_that_does_not_fit(engine):
