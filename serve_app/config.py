@@ -91,6 +91,13 @@ class AutoscalingConfig(Strict):
         return self
 
 
+# The gateway calls models over Serve's gRPC transport (handles with _by_reference=False), whose receive limit is
+# 4 MiB unless raised: a body near max_body_bytes, or 2048 vectors of an 8B embedder (32 MiB of float32), failed
+# with RESOURCE_EXHAUSTED, a 500. Every replica (the gateway receives answers, models receive requests) raises it.
+INTERNAL_MESSAGE_LIMIT_BYTES = 1 << 30
+MAX_BODY_BYTES_LIMIT = 256 * 2**20  # so that any allowed body, and its answer, fits the limit above
+
+
 class DeploymentOptions(Strict):
     """Ray Serve options of one deployment. Either a fixed `num_replicas` or `autoscaling`."""
 
@@ -122,7 +129,9 @@ class DeploymentOptions(Strict):
 
     def serve_options(self) -> dict[str, Any]:
         """The keyword arguments of `Deployment.options()`."""
-        actor_options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        actor_options: dict[str, Any] = {
+            "num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+            "runtime_env": {"env_vars": {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(INTERNAL_MESSAGE_LIMIT_BYTES)}}}
         if self.memory_gib is not None:
             actor_options["memory"] = int(self.memory_gib * 2**30)
         options: dict[str, Any] = {
@@ -221,7 +230,7 @@ class GatewayConfig(Strict):
     deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(
         num_cpus=0.5, max_ongoing_requests=256, max_queued_requests=1024))
     # Request limits: past them clients get 413 with the limit in the message.
-    max_body_bytes: int = Field(default=32 * 2**20, ge=1024)
+    max_body_bytes: int = Field(default=32 * 2**20, ge=1024, le=MAX_BODY_BYTES_LIMIT)
     max_embedding_inputs: int = Field(default=2048, ge=1)
     max_rerank_documents: int = Field(default=1000, ge=1)
     # How often the gateway refreshes its model table from the Serve controller (a miss refreshes at once).

@@ -102,7 +102,10 @@ def test_both_scaling_modes_at_once_is_an_error():
 def test_deployment_options_become_serve_options():
     options = ModelConfig(name="m", task="embed", source="./x",
                           deployment={"num_gpus": 0.25, "autoscaling": {"max_replicas": 3}}).deployment.serve_options()
-    assert options["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0.25}
+    actor_options = options["ray_actor_options"]
+    assert actor_options["num_cpus"] == 1 and actor_options["num_gpus"] == 0.25
+    # Gateway <-> model messages up to 1 GiB (Serve's gRPC default of 4 MiB made 32 MiB bodies a 500).
+    assert actor_options["runtime_env"]["env_vars"]["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"] == str(1 << 30)
     assert options["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in options
     # Serve's own refusals (queue full in front of a deployment) tell clients when to come back.
     assert options["backpressure_config"] == {"status_code": 503, "retry_after_s": 1}
