@@ -14,7 +14,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.engine_bench import QUERY, layer_flops, make_texts, matmul_peak_flops  # noqa: E402
+from bench.engine_bench import QUERY, make_texts, matmul_peak_flops, rerank_flops  # noqa: E402
 from models import Qwen3Reranker  # noqa: E402
 from models.checkpoints import build_checkpoint, checkpoint_name  # noqa: E402
 
@@ -32,8 +32,7 @@ def main() -> None:
     engine.reuse_query_prefix = not args.no_prefix_reuse
     job = engine.tokenize(QUERY, make_texts(32, 50, 450, seed=1))
     config = engine.backbone.config
-    useful = layer_flops(config, len(job.head_ids)) + sum(
-        layer_flops(config, len(tail), context_start=len(job.head_ids)) for tail in job.tail_ids)
+    useful = rerank_flops(config, job)
     floor = useful / matmul_peak_flops(torch.device("cpu"), torch.float32)
     print(f"# {args.shape} x {args.layers} layers, prefix reuse {engine.reuse_query_prefix}, floor {floor:.2f} s")
     for budget in args.budgets:

@@ -7,7 +7,8 @@ The English text is the docstrings of Python's standard library (real prose, on 
 
 For each workload it prints the reference time, our time, their ratio, and the FLOP floor: the useful FLOPs
 (every real token through every layer once, causal attention included, no padding, no LM head, the reranker's
-query head counted once) over the matrix-multiply peak measured in the same run.
+query head counted once, and the last layer only where its output is read: see layer_flops) over the
+matrix-multiply peak measured in the same run.
 
     python bench/engine_bench.py --shape 0.6b              # shape-true 0.6B, all 28 layers (CPU: minutes)
     python bench/engine_bench.py --shape tiny              # seconds: a quick check
@@ -69,14 +70,27 @@ def make_texts(count: int, min_words: int, max_words: int, seed: int) -> list[st
 
 # ---- FLOP accounting -----------------------------------------------------------------------------------
 
-def layer_flops(config, tokens: int, context_start: int = 0) -> float:
-    """FLOPs of `tokens` consecutive tokens through all layers, attending to `context_start` earlier ones."""
+def layer_flops(config, tokens: int, context_start: int = 0, read: int = 1) -> float:
+    """FLOPs a sequence needs: `tokens` consecutive tokens through every layer, attending to `context_start`
+    earlier ones. The last layer's output is needed only for the `read` last tokens (1: the state the engines
+    pool; 0: a prefix kept only for its keys and values), so there only keys and values are counted at every
+    token, and queries, attention, o_proj and MLP for the read ones (models/forward.py skips the rest)."""
     h, heads, kv, d, ffn = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
                             config.head_dim, config.intermediate_size)
-    linear_params = h * heads * d + 2 * h * kv * d + heads * d * h + 3 * h * ffn
+    kv_params = 2 * h * kv * d
+    other_params = h * heads * d + heads * d * h + 3 * h * ffn
     # Causal attention: token at position p does QK^T and AV over p+1 keys: 4 * heads * d * (p + 1).
     positions = tokens * context_start + tokens * (tokens + 1) / 2
-    return config.num_hidden_layers * (2 * linear_params * tokens + 4 * heads * d * positions)
+    every_token = 2 * (kv_params + other_params) * tokens + 4 * heads * d * positions
+    last_layer = 2 * kv_params * tokens + read * (2 * other_params + 4 * heads * d * (context_start + tokens))
+    return (config.num_hidden_layers - 1) * every_token + last_layer
+
+
+def rerank_flops(config, job) -> float:
+    """A rerank job with the query head run once (its keys and values reused by every document)."""
+    head = len(job.head_ids)
+    return layer_flops(config, head, read=0) + sum(layer_flops(config, len(tail), context_start=head)
+                                                   for tail in job.tail_ids)
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 2.0) -> float:
@@ -139,10 +153,10 @@ def measure(name: str, engine, items: list[str], job, useful_flops: float, run_o
 def bench_rerank(path: Path, args, peak: float) -> dict:
     documents = make_texts(32, 50, 450, seed=1)
     engine = Qwen3Reranker.from_pretrained(str(path), device=args.device, dtype=args.dtype)
+    engine.cut_last_layer = not args.full_last_layer
     config = engine.backbone.config
     job = engine.tokenize(QUERY, documents)
-    useful = layer_flops(config, len(job.head_ids)) + sum(
-        layer_flops(config, len(tail), context_start=len(job.head_ids)) for tail in job.tail_ids)
+    useful = rerank_flops(config, job)
     # Reference in chunks of 8 pairs: all 32 at once need ~13 GB of logits and were OOM-killed at 24 GB.
     return measure("rerank 1x32", engine, documents, job, useful, lambda: engine.rerank(QUERY, documents),
                    lambda: ModelCardReranker(str(path)),
@@ -153,6 +167,7 @@ def bench_rerank(path: Path, args, peak: float) -> dict:
 def bench_embed(path: Path, args, peak: float) -> dict:
     texts = make_texts(64, 5, 250, seed=2)
     engine = Qwen3Embedder.from_pretrained(str(path), device=args.device, dtype=args.dtype)
+    engine.cut_last_layer = not args.full_last_layer
     job = engine.tokenize(texts)
     useful = sum(layer_flops(engine.backbone.config, n) for n in job.token_counts)
     return measure("embed 64", engine, texts, job, useful, lambda: engine.embed(texts),
@@ -171,6 +186,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of our engine (best is kept)")
     parser.add_argument("--skip-reference", action="store_true", help="GPU sizes: our engine only")
     parser.add_argument("--checkpoints", default=str(REPO / "checkpoints"))
+    parser.add_argument("--full-last-layer", action="store_true",
+                        help="our engine without the last-layer cut (models/forward.py), for comparison")
     args = parser.parse_args()
 
     torch.manual_seed(0)

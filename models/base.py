@@ -18,10 +18,11 @@ from typing import Callable, ClassVar
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, Cache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, Cache, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from models.batching import plan_micro_batches
+from models.forward import last_token_forward
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +163,9 @@ class Qwen3Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # Running totals for serving metrics: real tokens vs token slots computed (padding included).
         self.work = WorkCounters()
+        # Compute the last layer only at the tokens whose state is read (models/forward.py); transformers' full
+        # forward when off (kept for comparison) and for packed rows.
+        self.cut_last_layer = True
 
     @classmethod
     def from_pretrained(cls, source: str, *, revision: str | None = None, device: str = "auto",
@@ -230,13 +234,12 @@ class Qwen3Engine:
         for row, seq in enumerate(batch):
             padded[row, :len(seq)] = seq
         ids = torch.from_numpy(padded).to(device)
-        if prefix is None:
-            hidden = self.backbone(input_ids=ids, use_cache=False).last_hidden_state
-        else:
-            offset = prefix.get_seq_length()
-            positions = torch.arange(offset, offset + width, device=device).unsqueeze(0).expand(len(batch), -1)
-            hidden = self.backbone(input_ids=ids, position_ids=positions, past_key_values=prefix,
-                                   use_cache=True).last_hidden_state
+        offset = 0 if prefix is None else prefix.get_seq_length()
+        positions = torch.arange(offset, offset + width, device=device).unsqueeze(0)
+        if self.cut_last_layer:
+            return last_token_forward(self.backbone, ids, positions, lengths - 1, cache=prefix)
+        hidden = self.backbone(input_ids=ids, position_ids=positions, past_key_values=prefix,
+                               use_cache=prefix is not None).last_hidden_state
         return hidden[torch.arange(len(batch), device=device), lengths - 1]
 
     def _forward_packed(self, batch: list[TokenIds]) -> torch.Tensor:
@@ -252,7 +255,14 @@ class Qwen3Engine:
     @torch.inference_mode()
     def prefix_cache(self, prefix_ids: TokenIds) -> Cache:
         """Run a shared prefix once and keep its keys/values for the sequences that continue it."""
-        ids = torch.from_numpy(join_ids(prefix_ids)).long().to(self.runtime.device).unsqueeze(0)
-        cache = self.backbone(input_ids=ids, use_cache=True).past_key_values
+        device = self.runtime.device
+        ids = torch.from_numpy(join_ids(prefix_ids)).long().to(device).unsqueeze(0)
+        if self.cut_last_layer:
+            cache = DynamicCache(config=self.backbone.config)
+            positions = torch.arange(len(prefix_ids), device=device).unsqueeze(0)
+            last_token_forward(self.backbone, ids, positions, torch.tensor([len(prefix_ids) - 1], device=device),
+                               cache=cache)
+        else:
+            cache = self.backbone(input_ids=ids, use_cache=True).past_key_values
         self.work.add([len(prefix_ids)], packed=True)
         return shared_prefix_cache(cache)

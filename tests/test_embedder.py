@@ -120,7 +120,8 @@ def test_tokenizer_without_end_token_gets_it_appended(engine, tiny_reranker_path
 
 
 @pytest.mark.parametrize("changes", [{"token_budget": 16}, {"max_batch_items": 1},
-                                     {"token_budget": 10**6, "max_batch_items": 10**4}])
+                                     {"token_budget": 10**6, "max_batch_items": 10**4},
+                                     {"cut_last_layer": False}, {"cut_last_layer": False, "token_budget": 16}])
 def test_vectors_do_not_depend_on_batching(engine, changes):
     texts = TEXTS + [DOCUMENTS[1] * 5]
     baseline = engine.embed(texts).embeddings

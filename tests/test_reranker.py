@@ -136,6 +136,8 @@ def test_empty_documents_list_is_an_input_error(engine):
     {"max_batch_items": 3, "token_budget": 600},
     {"reuse_query_prefix": False},
     {"reuse_query_prefix": False, "token_budget": 300},
+    {"cut_last_layer": False},  # transformers' full forward: the last-layer cut changes nothing
+    {"cut_last_layer": False, "reuse_query_prefix": False, "token_budget": 300},
 ])
 def test_scores_do_not_depend_on_batching(engine, changes):
     documents = DOCUMENTS + [LONG_DOCUMENT, DOCUMENTS[1] * 3]
