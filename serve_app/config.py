@@ -129,9 +129,9 @@ class DeploymentOptions(Strict):
 
     def serve_options(self) -> dict[str, Any]:
         """The keyword arguments of `Deployment.options()`."""
-        actor_options: dict[str, Any] = {
-            "num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
-            "runtime_env": {"env_vars": {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(INTERNAL_MESSAGE_LIMIT_BYTES)}}}
+        message_limit = {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(INTERNAL_MESSAGE_LIMIT_BYTES)}
+        actor_options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                                         "runtime_env": {"env_vars": message_limit}}
         if self.memory_gib is not None:
             actor_options["memory"] = int(self.memory_gib * 2**30)
         options: dict[str, Any] = {

@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from serve_app.store import connect, usage_records
 from tests.serving import NARROW_RERANKER, RERANKER
-from tests.texts import DOCUMENTS, QUERIES
+from tests.texts import DOCUMENTS, NONEMPTY_QUERIES, QUERIES
 
 
 def gateway_log_lines(containing: str) -> list[str]:
@@ -47,8 +47,9 @@ def test_a_model_replica_killed_under_load_loses_no_request(served, key_store, k
         with httpx.Client(base_url=served.url, headers=headers, timeout=120) as http:
             for n in range(worker, 120, 6):
                 try:
-                    response = http.post("/v1/rerank", json={
-                        "model": RERANKER, "query": QUERIES[n % 4], "documents": documents})
+                    query = NONEMPTY_QUERIES[n % len(NONEMPTY_QUERIES)]
+                    response = http.post("/v1/rerank", json={"model": RERANKER, "query": query,
+                                                             "documents": documents})
                 except httpx.HTTPError as exc:
                     response = exc
                 with lock:
@@ -175,7 +176,8 @@ def test_a_client_that_disconnects_is_cancelled_before_it_runs_and_is_not_billed
 
     key, secret = key_store.create("disconnect")
     headers = {"Authorization": f"Bearer {secret}"}
-    heavy = {"model": NARROW_RERANKER, "query": QUERIES[0], "documents": [DOCUMENTS[4] * 8] * 1000}
+    # About 1.5 s of forward passes on one thread (0.83 MB of text, under the tests' 1 MiB body limit).
+    heavy = {"model": NARROW_RERANKER, "query": QUERIES[0], "documents": [DOCUMENTS[4] * 9] * 1000}
     small = {"model": NARROW_RERANKER, "query": "q", "documents": ["d"]}
     model = served.model_handle(NARROW_RERANKER)
 
@@ -188,9 +190,9 @@ def test_a_client_that_disconnects_is_cancelled_before_it_runs_and_is_not_billed
     async def scenario():
         async with httpx.AsyncClient(base_url=served.url, headers=headers, timeout=120) as client:
             running = asyncio.create_task(client.post("/v1/rerank", json=heavy))
-            await asyncio.sleep(1.0)  # the heavy request is inside the replica
+            await asyncio.sleep(0.5)  # the heavy request is inside the replica
             with pytest.raises(httpx.ReadTimeout):  # queued behind it; this client gives up and disconnects
-                await client.post("/v1/rerank", json=small, timeout=1.0)
+                await client.post("/v1/rerank", json=small, timeout=0.5)
             assert not running.done(), "the heavy request finished too soon for this test to mean anything"
             return await running, await client.post("/v1/rerank", json=small)
 

@@ -14,7 +14,7 @@ from sqlalchemy import insert, select
 
 from serve_app.store import KeyStore, api_keys, connect, usage_records
 from tests.serving import EMBEDDER, RERANKER
-from tests.texts import DOCUMENTS, QUERIES
+from tests.texts import DOCUMENTS, NONEMPTY_QUERIES
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +38,11 @@ def request_for(n: int) -> tuple[str, dict]:
     documents = DOCUMENTS[n % 5:n % 5 + 1 + n % 3]
     kind = n % 3
     if kind == 0:
-        return "/v1/rerank", {"model": RERANKER, "query": QUERIES[n % len(QUERIES)], "documents": documents}
+        query = NONEMPTY_QUERIES[n % len(NONEMPTY_QUERIES)]
+        return "/v1/rerank", {"model": RERANKER, "query": query, "documents": documents}
     if kind == 1:
         return "/v1/embeddings", {"model": EMBEDDER, "input": documents}
-    return "/rerank", {"query": QUERIES[n % len(QUERIES)], "texts": documents, "model": RERANKER}
+    return "/rerank", {"query": NONEMPTY_QUERIES[n % len(NONEMPTY_QUERIES)], "texts": documents, "model": RERANKER}
 
 
 def usage_of(path: str, body: dict, response: httpx.Response) -> tuple[int, int]:

@@ -20,3 +20,6 @@ DOCUMENTS = [
 ]
 
 LONG_DOCUMENT = " ".join(f"word{i} is part of a very long document about pandas and bamboo." for i in range(900))
+
+# What the HTTP API accepts: it refuses an empty query with 400 (the engine scores it, as the model card does).
+NONEMPTY_QUERIES = [query for query in QUERIES if query.strip()]
