@@ -3,11 +3,11 @@
 Both engines read one hidden state per sequence: its last token's. Every layer but the last must run at every
 position (later positions attend to them), but the last layer's output is read at one position per sequence:
 there it needs keys and values everywhere and queries, attention output, o_proj and MLP only at those
-positions. That is about 1/num_layers of the work (3.5% for the 28-layer 0.6B), and the same cut a decoder
-serving stack makes when it computes logits only for the tokens it samples.
+positions. That is about 1/num_layers of the work (1/28 for the 0.6B), and the same cut a decoder serving stack
+makes when it computes logits only for the tokens it samples.
 
-Layers 1..N-1 run transformers' own modules, attention implementation included (SDPA, flash-attention varlen
-for packed rows); the last layer is recomposed here from that layer's own submodules.
+Layers 1..N-1 run transformers' own modules, with the model's attention implementation; the last layer is
+recomposed here from that layer's own submodules.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def last_token_forward(backbone, ids: torch.Tensor, positions: torch.Tensor, end
                        cache: Cache | None = None) -> torch.Tensor:
     """Final-norm hidden state at position ends[b] of each right-padded row b: [batch, hidden].
 
-    With `cache`, the rows continue a cached prefix (and the cache is updated as transformers' layers update
+    `positions` is one row [1, width] shared by every row of the batch. With `cache`, the rows continue a cached prefix (and the cache is updated as transformers' layers update
     it). Packed rows (flash-attention varlen) keep transformers' full forward: there one row holds many
     sequences, and gathering each one's keys would cost more than the cut saves.
     """
@@ -45,8 +45,7 @@ def _last_layer_at(layer, hidden: torch.Tensor, position_embeddings, ends: torch
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     normed = layer.input_layernorm(hidden)
     per_head = (*hidden.shape[:-1], -1, attention.head_dim)
-    cos, sin = position_embeddings  # [batch or 1, width, head_dim]
-    cos_rows = rows if cos.shape[0] > 1 else torch.zeros_like(rows)
+    cos, sin = position_embeddings  # [1, width, head_dim]: every row has the same positions
 
     # Keys and values at every position: each sequence's last token attends to all of them.
     keys = attention.k_norm(attention.k_proj(normed).view(per_head)).transpose(1, 2)
@@ -58,7 +57,7 @@ def _last_layer_at(layer, hidden: torch.Tensor, position_embeddings, ends: torch
 
     # Queries only at the last tokens: [batch, heads, 1, head_dim].
     queries = attention.q_norm(attention.q_proj(normed[rows, ends]).view(len(rows), 1, -1, attention.head_dim))
-    cos_last, sin_last = cos[cos_rows, ends][:, None, None, :], sin[cos_rows, ends][:, None, None, :]
+    cos_last, sin_last = cos[0, ends][:, None, None, :], sin[0, ends][:, None, None, :]
     queries = (queries * cos_last + rotate_half(queries) * sin_last).transpose(1, 2)
 
     # Row b's query sees the prefix and its own positions up to ends[b] (padding lies beyond).
