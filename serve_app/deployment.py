@@ -121,12 +121,13 @@ class ModelServer:
         return {"embeddings": result.embeddings, "token_counts": result.token_counts}
 
     async def stats(self) -> dict[str, Any]:
-        """Batching counters (how many jobs shared forward passes) and where this replica runs: its node and the
-        GPU ids Ray gave it (a fractional replica shares its GPU id with its neighbours)."""
+        """Batching counters (how many jobs shared forward passes), the requests inside this replica now, and where
+        it runs: its node and the GPU ids Ray gave it (a fractional replica shares its GPU id with its neighbours)."""
         context = ray.get_runtime_context()
         placement = {"node_id": context.get_node_id(),
                      "gpu_ids": [str(gpu) for gpu in context.get_accelerator_ids().get("GPU", [])]}
-        return {**self._stats, "batching": self._batching.model_dump(), "placement": placement}
+        return {**self._stats, "requests_inside": self._held, "batching": self._batching.model_dump(),
+                "placement": placement}
 
     async def check_health(self) -> None:
         """Fails when the engine cannot run a forward pass. While requests are running the engine is proven to

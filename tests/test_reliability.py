@@ -60,6 +60,12 @@ def test_a_model_replica_killed_under_load_loses_no_request(served, key_store, k
         worker.start()
     while len(outcomes) < 12:
         time.sleep(0.05)
+    # Kill while requests are inside the replica (its own count says so), not at a moment when all six clients
+    # happen to be in the gateway or the ledger: then the retry path is what gets tested.
+    model = served.model_handle(RERANKER)
+    deadline = time.monotonic() + 30
+    while model.stats.remote().result(timeout_s=30)["requests_inside"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
     os.kill(victim["pid"], signal.SIGKILL)
     killed_at = time.monotonic()
     for worker in workers:
