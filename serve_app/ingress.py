@@ -7,14 +7,14 @@ Routes (design.md section 5):
     GET  /v1/usage                              the caller's usage totals (every key's for an admin key)
     GET  /health                                liveness, no auth
 
-Every served request is written to the usage ledger (serve_app/ledger.py) before its response is sent; every
-response carries its ledger id in `X-Usage-Id` (Serve's own X-Request-ID is its trace id, kept in the row). Every error leaves as {"error": {"message", "type", "param", "code"}} with the status of its kind
-(serve_app/errors.py); client mistakes are 4xx, never 5xx.
+Every served request is written to the usage ledger (serve_app/ledger.py) before its response is sent, and that
+response carries its ledger id in `X-Usage-Id` (Serve's own X-Request-ID is its trace id, kept in the row). Every
+error leaves as {"error": {"message", "type", "param", "code"}} with the status of its kind (serve_app/errors.py);
+client mistakes are 4xx, never 5xx. Bodies are parsed in serve_app/bodies.py.
 """
 
 import asyncio
 import base64
-import json
 import logging
 import math
 import time
@@ -27,7 +27,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
@@ -35,6 +34,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import protocol
 from serve_app.auth import OPEN_PATHS, KeyGuard
+from serve_app.bodies import (body_limit, ignored_fields_header, json_body, parse_body, read_json, validate,
+                              validation_error)
 from serve_app.config import GATEWAY_DEPLOYMENT_NAME, GatewayConfig
 from serve_app.directory import ModelDirectory, ModelEntry
 from serve_app.errors import (IdempotencyConflict, InternalError, InvalidRequest, MethodNotAllowed, ModelNotFound,
@@ -62,21 +63,6 @@ api = FastAPI(title="qwen3-serve", version="0.1.0",
 
 def error_response(error: ServingError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
-
-
-def validation_error(exc: ValidationError | RequestValidationError) -> InvalidRequest:
-    first = exc.errors()[0]
-    location = [str(part) for part in first.get("loc", ())]
-    if isinstance(exc, RequestValidationError) and location:
-        location = location[1:]  # FastAPI's "body" / "query": where it looked, not a name the client sent
-    # Drop pydantic's union-member tags ("str", "list[int]", ...) so param names the field a client sent.
-    location = [part for part in location if not any(ch in part for ch in "[]") and part not in
-                ("str", "int", "DocumentObject", "constrained-str")]
-    param = ".".join(location) or None
-    message = f"{param}: {first['msg']}" if param else first["msg"]
-    if len(exc.errors()) > 1:
-        message += f" (and {len(exc.errors()) - 1} more problems)"
-    return InvalidRequest(message, param=param)
 
 
 @api.exception_handler(ServingError)
@@ -112,8 +98,10 @@ async def _measure(request: Request, call_next):
     """Outermost: every answer, 401s and 413s included, is counted with its status and latency."""
     started = request.state.started = time.perf_counter()
     response = await _authenticate_and_limit(request, call_next)
-    if getattr(request.state, "request_id", None):
+    if getattr(request.state, "billed", False):  # only a response that has a ledger row names one
         response.headers["X-Usage-Id"] = request.state.request_id
+    if getattr(request.state, "ignored_fields", None):
+        response.headers["X-Ignored-Fields"] = ignored_fields_header(request.state.ignored_fields)
     metrics = getattr(request.app.state, "metrics", None)
     if metrics is not None:
         metrics.request(getattr(request.state, "model", "-"), route_label(request), response.status_code,
@@ -174,40 +162,6 @@ def search_units(documents: int) -> int:
     return math.ceil(documents / DOCUMENTS_PER_SEARCH_UNIT)
 
 
-def body_limit(request: Request) -> int:
-    return getattr(request.app.state, "max_body_bytes", GatewayConfig().max_body_bytes)
-
-
-def json_body(*schemas: type) -> dict[str, Any]:
-    """OpenAPI description of a JSON body that a route parses itself (see parse_body)."""
-    described = [schema.model_json_schema(ref_template="#/components/schemas/{model}") for schema in schemas]
-    body = described[0] if len(described) == 1 else {"oneOf": described}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": body}}}}
-
-
-async def read_json(request: Request) -> Any:
-    """The body as JSON whatever the Content-Type says (curl -d sends form encoding; clients vary)."""
-    raw = await request.body()
-    limit = body_limit(request)
-    if len(raw) > limit:
-        raise PayloadTooLarge(f"request body is {len(raw)} bytes; the limit is {limit}")
-    try:
-        return json.loads(raw)
-    except ValueError:
-        raise InvalidRequest("request body is not valid JSON") from None
-
-
-def validate(raw: Any, schema: type[BaseModel]) -> Any:
-    try:
-        return schema.model_validate(raw)
-    except ValidationError as exc:
-        raise validation_error(exc) from None
-
-
-async def parse_body(request: Request, schema: type[BaseModel]) -> Any:
-    return validate(await read_json(request), schema)
-
-
 def model_call_error(exc: BaseException, retry_after_s: int) -> ServingError | BaseException:
     """What a failed handle call means for the client."""
     if isinstance(exc, RayTaskError) and isinstance(exc.cause, ServingError):
@@ -256,7 +210,7 @@ class Gateway:
             api.add_middleware(CORSMiddleware, allow_origins=self.config.cors_allow_origins,
                                allow_methods=["GET", "POST"],
                                allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
-                               expose_headers=["X-Usage-Id", "Retry-After"])
+                               expose_headers=["X-Usage-Id", "X-Ignored-Fields", "Retry-After"])
         self.models = ModelDirectory(self.config.model_refresh_s)
         self.ledger = Ledger(self.store_engine)
 
@@ -314,6 +268,7 @@ class Gateway:
         except Exception as exc:  # noqa: BLE001 - the database is down or refused the row
             raise StoreUnavailable("the usage ledger is unavailable, so the request was not served; retry shortly",
                                    headers={"Retry-After": str(self.config.retry_after_s)}) from exc
+        request.state.billed = True
         if key is not None and key.tokens_per_minute:
             request.app.state.limiter.charge_tokens.remote(key.id, key.tokens_per_minute, tokens)
         request.app.state.metrics.served(model, route, tokens, documents or embeddings)
@@ -410,7 +365,7 @@ class Gateway:
         """Cohere/Jina/vLLM body, or TEI's (`texts` instead of `documents`): told apart by the body."""
         raw = await read_json(request)
         is_tei = isinstance(raw, dict) and "texts" in raw and "documents" not in raw
-        body = validate(raw, protocol.TEIRerankRequest if is_tei else protocol.RerankRequest)
+        body = validate(request, raw, protocol.TEIRerankRequest if is_tei else protocol.RerankRequest)
         return await (self.rerank_tei(request, body) if is_tei else self.rerank_cohere(request, body))
 
     async def rerank_tei(self, request: Request, body: protocol.TEIRerankRequest) -> JSONResponse:

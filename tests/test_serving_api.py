@@ -242,12 +242,41 @@ BAD_REQUESTS = [
     ("/v1/rerank", {"model": RERANKER, "query": "", "documents": ["a"]}, 400, "query", None),
     ("/v2/rerank", {"model": RERANKER, "query": " \n\t", "documents": ["a"]}, 400, "query", None),
     ("/rerank", {"model": RERANKER, "query": "", "texts": ["a"]}, 400, "query", None),
+    ("/v1/embeddings", {"model": EMBEDDER, "input": [151669]}, 400, "input", None),  # one past the vocabulary
+    ("/v1/embeddings", {"model": EMBEDDER, "input": [[5], [-3]]}, 400, "input", None),
+    ("/v1/embeddings", {"model": EMBEDDER, "input": "x", "encoding_format": "BASE64"}, 400, "encoding_format", None),
+    ("/v1/embeddings", {"model": EMBEDDER, "input": "x", "encoding_format": 64}, 400, "encoding_format", None),
+    ("/v1/embeddings", {"model": EMBEDDER, "input": "x", "dimensions": "32"}, 400, "dimensions", None),
+    ("/v1/rerank", {"model": RERANKER, "query": "q", "documents": [None]}, 400, "documents.0", None),
+    ("/v1/rerank", {"model": RERANKER, "query": "q", "documents": ["a"], "top_n": 1.5}, 400, "top_n", None),
+    ("/v1/rerank", {"model": RERANKER, "query": "q", "documents": ["a"], "return_documents": "maybe"}, 400,
+     "return_documents", None),
 ]
 
 
 @pytest.mark.parametrize("path, body, status, param, code", BAD_REQUESTS)
 def test_bad_requests_get_openai_errors(http, path, body, status, param, code):
     assert_error(http.post(path, json=body), status, param=param, code=code)
+
+
+def test_unknown_fields_are_ignored_and_named_in_a_header(http):
+    """SDKs add fields over time, so an unknown field is not an error (as in vLLM and TEI); but a misspelt option
+    must not pass unseen, so the answer names what it ignored. Names that a header cannot carry are only counted."""
+    plain = http.post("/v1/embeddings", json={"model": EMBEDDER, "input": "x"})
+    extra = http.post("/v1/embeddings", json={"model": EMBEDDER, "input": "x", "dimension": 32, "foo": {"a": 1},
+                                              "bad\nname": 1, "für": 2})
+    assert plain.status_code == extra.status_code == 200 and "x-ignored-fields" not in plain.headers
+    assert extra.json()["data"] == plain.json()["data"]  # 'dimension' (misspelt) changed nothing
+    assert extra.headers["x-ignored-fields"] == "dimension, foo, (2 more)"
+    rerank = http.post("/v1/rerank", json={"model": RERANKER, "query": "q", "documents": ["a", "b"],
+                                           "rank_fields": ["text"]})
+    assert rerank.status_code == 200 and rerank.headers["x-ignored-fields"] == "rank_fields"
+
+
+def test_top_n_past_the_documents_returns_them_all(http):
+    response = http.post("/v1/rerank", json={"model": RERANKER, "query": "q", "documents": ["a", "b", "c"],
+                                             "top_n": 10**6})
+    assert response.status_code == 200 and sorted(r["index"] for r in response.json()["results"]) == [0, 1, 2]
 
 
 def test_empty_query_says_what_to_send(http):
