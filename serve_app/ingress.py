@@ -5,6 +5,7 @@ Routes (design.md section 5):
     POST /v1/rerank, /v2/rerank, /rerank        Cohere v2 / Jina / vLLM rerank; TEI's body on /rerank
     GET  /v1/models, /v1/models/{id}            OpenAI model objects
     GET  /v1/usage                              the caller's usage totals (every key's for an admin key)
+    GET, POST /v1/admin/keys, DELETE /v1/admin/keys/{id}   key management, admin keys only (serve_app/admin.py)
     GET  /health                                liveness, no auth
 
 Every served request is written to the usage ledger (serve_app/ledger.py) before its response is sent, and that
@@ -32,7 +33,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app import protocol
+from serve_app import admin, protocol
 from serve_app.auth import OPEN_PATHS, KeyGuard
 from serve_app.bodies import (body_limit, ignored_fields_header, json_body, parse_body, read_json, validate,
                               validation_error)
@@ -57,6 +58,7 @@ DOCUMENTS_PER_SEARCH_UNIT = 100
 
 api = FastAPI(title="qwen3-serve", version="0.1.0",
               description="Qwen3-Reranker and Qwen3-Embedding behind OpenAI, Cohere, Jina and TEI routes.")
+api.include_router(admin.router)
 
 
 # ---- errors: one place turns every failure into the OpenAI error body ----------------------------------------

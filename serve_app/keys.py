@@ -8,6 +8,8 @@ sqlite:///var/qwen3-serve.db under the project root (what configs/local.yaml use
     python -m serve_app.keys list
     python -m serve_app.keys revoke 3f2a9c1e
 
+An admin key can do the same over HTTP at /v1/admin/keys (serve_app/admin.py).
+
 The secret is printed once, at creation; only its SHA-256 is stored, so a lost key cannot be recovered: revoke
 it and create another. Gateways pick up new and revoked keys within `auth.key_refresh_s` (default 2 s).
 """
@@ -18,6 +20,7 @@ import argparse
 import json
 import sys
 
+from serve_app.protocol import ApiKeyObject
 from serve_app.store import KeyStore, open_database
 
 
@@ -29,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     create = commands.add_parser("create", help="create a key and print its secret (shown only this once)")
     create.add_argument("--name", required=True, help="who or what the key is for (shown in listings and reports)")
-    create.add_argument("--admin", action="store_true", help="may read every key's usage at GET /v1/usage")
+    create.add_argument("--admin", action="store_true",
+                        help="may read every key's usage at GET /v1/usage and manage keys at /v1/admin/keys")
     create.add_argument("--rpm", type=int, help="requests per minute allowed (default: unlimited)")
     create.add_argument("--tpm", type=int, help="input tokens per minute allowed (default: unlimited)")
     listing = commands.add_parser("list", help="list keys (never their secrets)")
@@ -41,8 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     store = KeyStore(open_database(args.db, args.config))
 
     if args.command == "create":
-        key, secret = store.create(args.name, admin=args.admin, requests_per_minute=args.rpm,
-                                   tokens_per_minute=args.tpm)
+        try:
+            key, secret = store.create(args.name, admin=args.admin, requests_per_minute=args.rpm,
+                                       tokens_per_minute=args.tpm)
+        except ValueError as exc:
+            print(f"not created: {exc}", file=sys.stderr)
+            return 2
         print(f"created key {key.id} ({key.name}{', admin' if key.admin else ''}). Secret, shown only now:")
         print(secret)
         return 0
@@ -50,11 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         keys = store.list(include_revoked=not args.active)
         if args.json:
             for key in keys:
-                print(json.dumps({"id": key.id, "name": key.name, "admin": key.admin,
-                                  "requests_per_minute": key.requests_per_minute,
-                                  "tokens_per_minute": key.tokens_per_minute,
-                                  "created_at": key.created_at.isoformat(),
-                                  "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None}))
+                print(json.dumps(ApiKeyObject.of(key).model_dump()))  # what GET /v1/admin/keys shows
             return 0
         print(f"{'id':<10} {'name':<24} {'admin':<6} {'rpm':>8} {'tpm':>10} {'created':<20} revoked")
         for key in keys:

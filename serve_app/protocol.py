@@ -7,9 +7,10 @@ field they know. Shapes follow design.md section 5: OpenAI embeddings; Cohere v2
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
 NonNegativeTokenId = Annotated[StrictInt, Field(ge=0)]
 
@@ -23,6 +24,18 @@ def _has_text(query: str) -> str:
 
 
 QueryText = Annotated[StrictStr, AfterValidator(_has_text)]
+
+
+def _key_name(name: str) -> str:
+    # Printable only: a name shows up in listings and reports, and PostgreSQL refuses NUL in text.
+    if not name.strip() or not name.isprintable():
+        raise ValueError("must be printable text, not empty or only whitespace")
+    return name
+
+
+def unix_seconds(moment: datetime) -> int:
+    # SQLite hands back naive datetimes; the store writes them in UTC.
+    return int((moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp())
 
 
 class WireModel(BaseModel):
@@ -183,3 +196,46 @@ class UsageReport(WireModel):
     object: Literal["usage_report"] = "usage_report"
     data: list[UsageRow]
     totals: UsageTotals
+
+
+# ---- API keys (admin routes, /v1/admin/keys) ---------------------------------------------------------------------
+
+class ApiKeyCreateRequest(BaseModel):
+    # Unlike the inference bodies, unknown fields are refused: a misspelt limit ("request_per_minute") must not
+    # quietly create a key without one.
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[StrictStr, Field(max_length=200), AfterValidator(_key_name)]  # who or what the key is for
+    admin: StrictBool = False
+    # None: unlimited. At most 2**31 - 1, what the database's INTEGER column holds.
+    requests_per_minute: StrictInt | None = Field(default=None, ge=1, le=2**31 - 1)
+    tokens_per_minute: StrictInt | None = Field(default=None, ge=1, le=2**31 - 1)  # input tokens
+
+
+class ApiKeyObject(WireModel):
+    """A key as the admin routes show it: never its secret or hash. Times are Unix seconds, as in OpenAI objects."""
+
+    object: Literal["api_key"] = "api_key"
+    id: str
+    name: str
+    admin: bool
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+    created_at: int
+    revoked_at: int | None
+
+    @classmethod
+    def of(cls, key) -> "ApiKeyObject":
+        """From a serve_app.store.ApiKey."""
+        return cls(id=key.id, name=key.name, admin=key.admin, requests_per_minute=key.requests_per_minute,
+                   tokens_per_minute=key.tokens_per_minute, created_at=unix_seconds(key.created_at),
+                   revoked_at=unix_seconds(key.revoked_at) if key.revoked_at else None)
+
+
+class CreatedApiKey(ApiKeyObject):
+    secret: str  # `Authorization: Bearer <secret>`; shown in this response only, never stored
+
+
+class ApiKeyList(WireModel):
+    object: Literal["list"] = "list"
+    data: list[ApiKeyObject]

@@ -23,12 +23,14 @@ from sqlalchemy import (Boolean, Column, DateTime, Float, Index, Integer, MetaDa
 from sqlalchemy.engine import Engine
 
 KEY_PREFIX = "q3s"
+MAX_KEY_NAME_CHARS = 200
+MAX_KEY_LIMIT = 2**31 - 1  # per-minute limits are INTEGER columns
 metadata = MetaData()
 
 api_keys = Table(
     "api_keys", metadata,
     Column("id", String(16), primary_key=True),
-    Column("name", String(200), nullable=False),
+    Column("name", String(MAX_KEY_NAME_CHARS), nullable=False),
     Column("key_hash", String(64), nullable=False, unique=True),
     Column("admin", Boolean, nullable=False, default=False),
     Column("requests_per_minute", Integer, nullable=True),
@@ -136,7 +138,16 @@ class KeyStore:
 
     def create(self, name: str, *, admin: bool = False, requests_per_minute: int | None = None,
                tokens_per_minute: int | None = None) -> tuple[ApiKey, str]:
-        """A new key; the secret is returned here and never again (only its hash is stored)."""
+        """A new key; the secret is returned here and never again (only its hash is stored). Limits are None
+        (unlimited) or 1 to MAX_KEY_LIMIT: a limit of 0 would read as "no limit" wherever a falsy check is made,
+        and one past the INTEGER column would fail in the database."""
+        if not name.strip() or not name.isprintable() or len(name) > MAX_KEY_NAME_CHARS:
+            raise ValueError(f"a key's name must be 1 to {MAX_KEY_NAME_CHARS} printable characters, not only "
+                             "whitespace")
+        for label, limit in (("requests per minute", requests_per_minute), ("tokens per minute", tokens_per_minute)):
+            if limit is not None and not 1 <= limit <= MAX_KEY_LIMIT:
+                raise ValueError(f"{label} must be at least 1 and at most {MAX_KEY_LIMIT} (leave it out for no "
+                                 f"limit), not {limit}")
         key_id = secrets.token_hex(4)
         secret = f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(24)}"
         row = {"id": key_id, "name": name, "key_hash": hash_key(secret), "admin": admin,
@@ -152,6 +163,11 @@ class KeyStore:
                                                                api_keys.c.revoked_at.is_(None))
                                         .values(revoked_at=now()))
         return result.rowcount == 1
+
+    def get(self, key_id: str) -> ApiKey | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
+        return ApiKey(**row._mapping) if row is not None else None
 
     def list(self, include_revoked: bool = True) -> list[ApiKey]:
         query = select(api_keys).order_by(api_keys.c.created_at)

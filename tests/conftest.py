@@ -50,6 +50,12 @@ def api_key(key_store) -> str:
 
 
 @pytest.fixture(scope="session")
+def admin_headers(key_store) -> dict[str, str]:
+    """Authorization for an admin key of the served app (key management, every key's usage)."""
+    return {"Authorization": f"Bearer {key_store.create('tests-admin', admin=True)[1]}"}
+
+
+@pytest.fixture(scope="session")
 def serve_config(tiny_reranker_path, tiny_embedder_path, key_database):
     """configs/tiny.yaml as the HTTP tests deploy it (tests.serving.tiny_test_config)."""
     from tests.serving import free_port, tiny_test_config

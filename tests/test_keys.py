@@ -79,3 +79,19 @@ def test_cli_finds_the_database_of_a_config(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "from-config.db").exists()
     assert keys.main(["--config", str(path), "list", "--json"]) == 0
     assert '"name": "via-config"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, limits", [
+    ("", {}), ("   ", {}), ("x" * 201, {}), ("a\x00b", {}),
+    ("acme", {"requests_per_minute": 0}), ("acme", {"tokens_per_minute": -1}), ("acme", {"tokens_per_minute": 2**31}),
+])
+def test_a_key_needs_a_name_and_limits_of_at_least_one(store, name, limits):
+    """A limit of 0 would read as "no limit" where limits are checked for truth: refused, not stored."""
+    with pytest.raises(ValueError):
+        store.create(name, **limits)
+    assert store.list() == []
+
+
+def test_cli_refuses_a_zero_limit(database_url, capsys):
+    assert keys.main(["--db", database_url, "create", "--name", "acme", "--rpm", "0"]) == 2
+    assert "at least 1" in capsys.readouterr().err

@@ -139,10 +139,14 @@ def test_cors_is_off_unless_origins_are_configured(served, serve_config):
         assert unauthenticated.status_code == 401  # CORS lets the browser read the answer; auth still applies
 
 
-def test_keys_and_request_bodies_never_reach_the_logs(served, key_store):
+def test_keys_and_request_bodies_never_reach_the_logs(served, key_store, admin_headers):
     import ray
 
     _, secret = key_store.create("log-check")
+    created = httpx.post(f"{served.url}/v1/admin/keys", headers=admin_headers, json={"name": "log-check-http"})
+    created_secret = created.json()["secret"]  # a secret made over HTTP leaves only in that response
+    assert httpx.get(f"{served.url}/v1/models", headers={"Authorization": f"Bearer {created_secret}"}
+                     ).status_code == 200
     marker = f"secret-document-{uuid.uuid4().hex}"
     bad_key = f"q3s_deadbeef_{uuid.uuid4().hex}"
     good = {"Authorization": f"Bearer {secret}"}
@@ -159,14 +163,14 @@ def test_keys_and_request_bodies_never_reach_the_logs(served, key_store):
     assert files, "no Ray logs found to check"
     for path in files:
         text = path.read_bytes()
-        for needle in (secret, bad_key, marker):
+        for needle in (secret, created_secret, admin_headers["Authorization"].split()[1], bad_key, marker):
             assert needle.encode() not in text, f"{path.name} contains a key or a request body"
     # The routes that were called do show up (the check reads the right files).
     assert any(b"/v1/rerank" in path.read_bytes() for path in files)
 
 
 @pytest.mark.parametrize("path", ["/v1/rerank", "/v2/rerank", "/rerank", "/v1/embeddings", "/embeddings",
-                                  "/v1/models", "/v1/usage"])
+                                  "/v1/models", "/v1/usage", "/v1/admin/keys"])
 @pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE", "PATCH"])
 def test_no_route_or_method_variant_answers_without_a_key(served, path, method):
     response = httpx.request(method, f"{served.url}{path}", json={"model": RERANKER, "query": "q",

@@ -1,0 +1,77 @@
+"""Key management over HTTP, for admin keys only: create, list and revoke API keys without a shell on the database.
+
+    GET    /v1/admin/keys              every key (never a secret or hash); ?include_revoked=false for active ones
+    POST   /v1/admin/keys              {"name", "admin"?, "requests_per_minute"?, "tokens_per_minute"?} -> 201 with
+                                       the secret, shown in this response only
+    DELETE /v1/admin/keys/{key_id}     revoke; every gateway refuses the key within auth.key_refresh_s
+
+The gateway's middleware has already authenticated the caller (401 without a valid key); these routes then need
+that key to be an admin key (403 otherwise). With auth off there is no caller to trust, so they answer 403 and keys
+are managed with `python -m serve_app.keys`, as they are for the first admin key. Nothing here is billed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from serve_app import protocol
+from serve_app.auth import KeyGuard
+from serve_app.bodies import json_body, parse_body
+from serve_app.errors import Forbidden, NotFound
+
+logger = logging.getLogger("ray.serve")
+
+router = APIRouter(prefix="/v1/admin")
+
+
+def admin_guard(request: Request) -> KeyGuard:
+    """The key guard, once the caller is known to hold an admin key; 403 otherwise."""
+    guard: KeyGuard | None = getattr(request.app.state, "key_guard", None)
+    if guard is None:
+        raise Forbidden("admin routes are off while auth is off (auth.enabled: false); manage keys with "
+                        "`python -m serve_app.keys`", code="auth_disabled")
+    key = request.state.api_key
+    if not key.admin:
+        raise Forbidden(f"this route needs an admin key; key {key.id} is not one (create one with "
+                        "`python -m serve_app.keys create --name ops --admin`)", code="admin_key_required")
+    return guard
+
+
+@router.get("/keys", response_model=protocol.ApiKeyList)
+async def list_keys(request: Request, include_revoked: bool = True) -> protocol.ApiKeyList:
+    guard = admin_guard(request)
+    keys = await asyncio.to_thread(guard.store.list, include_revoked)
+    return protocol.ApiKeyList(data=[protocol.ApiKeyObject.of(key) for key in keys])
+
+
+@router.post("/keys", status_code=201, responses={201: {"model": protocol.CreatedApiKey}},
+             openapi_extra=json_body(protocol.ApiKeyCreateRequest))
+async def create_key(request: Request) -> JSONResponse:
+    guard = admin_guard(request)  # before the body is read: a non-admin learns nothing about what is valid
+    body: protocol.ApiKeyCreateRequest = await parse_body(request, protocol.ApiKeyCreateRequest)
+    key, secret = await asyncio.to_thread(guard.store.create, body.name, admin=body.admin,
+                                          requests_per_minute=body.requests_per_minute,
+                                          tokens_per_minute=body.tokens_per_minute)
+    # Ids only: names and limits are in the table, secrets are never written anywhere.
+    logger.info("gateway: admin key %s created key %s%s", request.state.api_key.id, key.id,
+                " (admin)" if key.admin else "")
+    created = protocol.CreatedApiKey(**protocol.ApiKeyObject.of(key).model_dump(exclude={"object"}), secret=secret)
+    return JSONResponse(created.model_dump(), status_code=201)
+
+
+@router.delete("/keys/{key_id}", response_model=protocol.ApiKeyObject)
+async def revoke_key(request: Request, key_id: str) -> protocol.ApiKeyObject:
+    """Revoke a key. Revoking a revoked key changes nothing and answers the same, so a retried call is safe."""
+    guard = admin_guard(request)
+    revoked_now = await asyncio.to_thread(guard.store.revoke, key_id)
+    key = await asyncio.to_thread(guard.store.get, key_id)
+    if key is None:
+        raise NotFound(f"no API key with id {key_id!r}", param="key_id")
+    if revoked_now:
+        logger.info("gateway: admin key %s revoked key %s", request.state.api_key.id, key.id)
+        await guard.reload()  # this replica refuses it at once; the others at their next refresh
+    return protocol.ApiKeyObject.of(key)
