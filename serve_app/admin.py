@@ -21,7 +21,8 @@ from fastapi.responses import JSONResponse
 from serve_app import protocol
 from serve_app.auth import KeyGuard
 from serve_app.bodies import json_body, parse_body
-from serve_app.errors import Forbidden, NotFound
+from serve_app.errors import Forbidden, InvalidRequest, NotFound
+from serve_app.store import InvalidKeySettings
 
 logger = logging.getLogger("ray.serve")
 
@@ -53,9 +54,12 @@ async def list_keys(request: Request, include_revoked: bool = True) -> protocol.
 async def create_key(request: Request) -> JSONResponse:
     guard = admin_guard(request)  # before the body is read: a non-admin learns nothing about what is valid
     body: protocol.ApiKeyCreateRequest = await parse_body(request, protocol.ApiKeyCreateRequest)
-    key, secret = await asyncio.to_thread(guard.store.create, body.name, admin=body.admin,
-                                          requests_per_minute=body.requests_per_minute,
-                                          tokens_per_minute=body.tokens_per_minute)
+    try:
+        key, secret = await asyncio.to_thread(guard.store.create, body.name, admin=body.admin,
+                                              requests_per_minute=body.requests_per_minute,
+                                              tokens_per_minute=body.tokens_per_minute)
+    except InvalidKeySettings as exc:
+        raise InvalidRequest(str(exc), param=exc.field) from None
     # Ids only: names and limits are in the table, secrets are never written anywhere.
     logger.info("gateway: admin key %s created key %s%s", request.state.api_key.id, key.id,
                 " (admin)" if key.admin else "")

@@ -74,8 +74,7 @@ def validate(request: Request, raw: Any, schema: type[BaseModel]) -> Any:
     except ValidationError as exc:
         raise validation_error(exc) from None
     if isinstance(raw, dict):
-        known = set(schema.model_fields)
-        request.state.ignored_fields = sorted(str(name) for name in raw if name not in known)
+        request.state.ignored_fields = sorted(str(name) for name in raw if name not in schema.model_fields)
     return parsed
 
 

@@ -26,13 +26,6 @@ def _has_text(query: str) -> str:
 QueryText = Annotated[StrictStr, AfterValidator(_has_text)]
 
 
-def _key_name(name: str) -> str:
-    # Printable only: a name shows up in listings and reports, and PostgreSQL refuses NUL in text.
-    if not name.strip() or not name.isprintable():
-        raise ValueError("must be printable text, not empty or only whitespace")
-    return name
-
-
 def unix_seconds(moment: datetime) -> int:
     # SQLite hands back naive datetimes; the store writes them in UTC.
     return int((moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp())
@@ -201,15 +194,17 @@ class UsageReport(WireModel):
 # ---- API keys (admin routes, /v1/admin/keys) ---------------------------------------------------------------------
 
 class ApiKeyCreateRequest(BaseModel):
+    """Types only: the allowed names and limits are the store's (serve_app/store.py KeyStore.create), so the CLI and
+    this route refuse the same keys with the same words."""
+
     # Unlike the inference bodies, unknown fields are refused: a misspelt limit ("request_per_minute") must not
     # quietly create a key without one.
     model_config = ConfigDict(extra="forbid")
 
-    name: Annotated[StrictStr, Field(max_length=200), AfterValidator(_key_name)]  # who or what the key is for
+    name: StrictStr  # who or what the key is for
     admin: StrictBool = False
-    # None: unlimited. At most 2**31 - 1, what the database's INTEGER column holds.
-    requests_per_minute: StrictInt | None = Field(default=None, ge=1, le=2**31 - 1)
-    tokens_per_minute: StrictInt | None = Field(default=None, ge=1, le=2**31 - 1)  # input tokens
+    requests_per_minute: StrictInt | None = None  # None: unlimited
+    tokens_per_minute: StrictInt | None = None  # input tokens; None: unlimited
 
 
 class ApiKeyObject(WireModel):

@@ -116,6 +116,14 @@ def connect(url: str) -> Engine:
     return engine
 
 
+class InvalidKeySettings(ValueError):
+    """A key that cannot be created as asked; `field` names the setting, as the admin route's body spells it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class ApiKey:
     id: str
@@ -142,12 +150,12 @@ class KeyStore:
         (unlimited) or 1 to MAX_KEY_LIMIT: a limit of 0 would read as "no limit" wherever a falsy check is made,
         and one past the INTEGER column would fail in the database."""
         if not name.strip() or not name.isprintable() or len(name) > MAX_KEY_NAME_CHARS:
-            raise ValueError(f"a key's name must be 1 to {MAX_KEY_NAME_CHARS} printable characters, not only "
-                             "whitespace")
-        for label, limit in (("requests per minute", requests_per_minute), ("tokens per minute", tokens_per_minute)):
+            raise InvalidKeySettings("name", f"a key's name must be 1 to {MAX_KEY_NAME_CHARS} printable characters, "
+                                             "not only whitespace")
+        for field, limit in (("requests_per_minute", requests_per_minute), ("tokens_per_minute", tokens_per_minute)):
             if limit is not None and not 1 <= limit <= MAX_KEY_LIMIT:
-                raise ValueError(f"{label} must be at least 1 and at most {MAX_KEY_LIMIT} (leave it out for no "
-                                 f"limit), not {limit}")
+                raise InvalidKeySettings(field, f"{field} must be at least 1 and at most {MAX_KEY_LIMIT} (leave it "
+                                                f"out for no limit), not {limit}")
         key_id = secrets.token_hex(4)
         secret = f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(24)}"
         row = {"id": key_id, "name": name, "key_hash": hash_key(secret), "admin": admin,

@@ -8,7 +8,8 @@ import yaml
 from sqlalchemy import select
 
 from serve_app import keys
-from serve_app.store import KeyStore, api_keys, connect, database_url as resolve_url, hash_key, verify
+from serve_app.store import (InvalidKeySettings, KeyStore, api_keys, connect, database_url as resolve_url, hash_key,
+                             verify)
 
 
 @pytest.fixture
@@ -81,14 +82,17 @@ def test_cli_finds_the_database_of_a_config(tmp_path, capsys, monkeypatch):
     assert '"name": "via-config"' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name, limits", [
-    ("", {}), ("   ", {}), ("x" * 201, {}), ("a\x00b", {}),
-    ("acme", {"requests_per_minute": 0}), ("acme", {"tokens_per_minute": -1}), ("acme", {"tokens_per_minute": 2**31}),
+@pytest.mark.parametrize("name, limits, field", [
+    ("", {}, "name"), ("   ", {}, "name"), ("x" * 201, {}, "name"), ("a\x00b", {}, "name"),
+    ("acme", {"requests_per_minute": 0}, "requests_per_minute"),
+    ("acme", {"tokens_per_minute": -1}, "tokens_per_minute"),
+    ("acme", {"tokens_per_minute": 2**31}, "tokens_per_minute"),
 ])
-def test_a_key_needs_a_name_and_limits_of_at_least_one(store, name, limits):
+def test_a_key_needs_a_name_and_limits_of_at_least_one(store, name, limits, field):
     """A limit of 0 would read as "no limit" where limits are checked for truth: refused, not stored."""
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidKeySettings) as refused:
         store.create(name, **limits)
+    assert refused.value.field == field and isinstance(refused.value, ValueError)
     assert store.list() == []
 
 
