@@ -87,19 +87,31 @@ class Ledger:
         """Returns once the row is committed (or was already, for a retry); raises IdempotencyConflict for a key
         reused by a different request, or the database's error if the row could not be written. Either way the
         caller must not send its answer."""
-        if self._queue is None:
-            self._queue = asyncio.Queue()
-        if self._writer is None or self._writer.done():
-            # Started on first use (inside the replica's event loop); restarted if it ever ended, and the new
-            # writer drains whatever the old one left queued.
-            self._writer = asyncio.get_running_loop().create_task(self._write_forever())
-        committed = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if self._writer is None or self._writer.done() or self._writer.get_loop() is not loop:
+            self._start_writer(loop)
+        committed = loop.create_future()
         self._queue.put_nowait((asdict(usage), committed))
         # Shielded: a client that disconnects stops waiting, but its row is still written or failed as a whole.
         await asyncio.shield(committed)
 
-    async def _write_forever(self) -> None:
-        queue = self._queue
+    def _start_writer(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A writer and its queue, on this event loop. Started on first use (inside the replica's event loop) and
+        again if the writer ever ended or its loop is not this one. An asyncio.Queue binds to the loop that first
+        waits on it, so the new writer gets a new queue, holding what the old one left whose callers can still be
+        answered; rows whose caller's loop is closed were never answered, so they are not billed."""
+        queue: asyncio.Queue = asyncio.Queue()
+        while self._queue is not None and not self._queue.empty():
+            row, committed = self._queue.get_nowait()
+            if committed.get_loop().is_closed():
+                logger.warning("usage ledger: dropped request %s: its caller's event loop closed before the "
+                               "commit, so it was never answered", row["request_id"])
+            else:
+                queue.put_nowait((row, committed))
+        self._queue = queue
+        self._writer = loop.create_task(self._write_forever(queue))
+
+    async def _write_forever(self, queue: asyncio.Queue) -> None:
         while True:
             batch = [await queue.get()]
             while not queue.empty() and len(batch) < MAX_ROWS_PER_COMMIT:

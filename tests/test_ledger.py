@@ -88,6 +88,33 @@ def test_a_failed_commit_fails_every_waiting_request(engine):
     assert usage_totals(engine)[0]["requests"] == 1
 
 
+def test_a_writer_restarted_on_another_event_loop_drains_its_queue(engine):
+    """The writer (and its asyncio.Queue, which binds to the loop that first waits on it) must work again when the
+    ledger is driven from a new event loop: every caller gets its answer, and the writer stays alive."""
+    ledger = Ledger(engine)
+
+    async def write(numbers):
+        # Bounded: a writer that died on the old loop's queue would leave these waiting forever.
+        await asyncio.wait_for(asyncio.gather(*(ledger.record(record(n)) for n in numbers)), timeout=10)
+        await asyncio.sleep(0.05)  # the writer is back to waiting on an empty queue
+        assert not ledger._writer.done(), ledger._writer
+
+    asyncio.run(write([1]))  # the first loop's writer waits on its queue, then the loop closes
+    asyncio.run(write([2, 3, 4]))
+    asyncio.run(write([5]))
+
+    async def left_behind_then_drained():
+        # Rows queued for a writer that ended are drained by the next one, and their callers answered.
+        waiting = asyncio.ensure_future(ledger.record(record(6)))
+        await asyncio.sleep(0)
+        ledger._writer.cancel()
+        await asyncio.sleep(0)
+        await asyncio.wait_for(asyncio.gather(waiting, ledger.record(record(7))), timeout=10)
+
+    asyncio.run(left_behind_then_drained())
+    assert sum_totals(usage_totals(engine))["requests"] == 7
+
+
 def test_request_ids_from_idempotency_keys_are_scoped_per_api_key():
     assert request_id("k1", "abc", fresh="x") == request_id("k1", "abc", fresh="y")
     assert request_id("k1", "abc", fresh="x") != request_id("k2", "abc", fresh="x")
