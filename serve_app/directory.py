@@ -56,15 +56,20 @@ class ModelApp(NamedTuple):
 
 def serve_model_apps() -> dict[str, ModelApp]:
     """The deployed model applications. Applications being deleted are left out: their replicas still run for a
-    while but no longer answer."""
-    from ray import serve
+    while but no longer answer.
+
+    Reads the controller's plain details dict rather than `serve.status()`, which validates it into pydantic
+    models (cloudpickling every deployment's request-router class on the way): 68 ms of the gateway's CPU per
+    call against 2 ms on the 2-core machine, every refresh_s, on the cores that serve requests (BENCHMARKS.md)."""
+    from ray.serve.context import _get_global_client
 
     deployed = {}
-    for app_name, app in serve.status().applications.items():
-        deployment = app.deployments.get(MODEL_DEPLOYMENT_NAME)
-        if deployment is None or app.status == "DELETING":
+    for app_name, app in _get_global_client().get_serve_details().get("applications", {}).items():
+        deployment = app.get("deployments", {}).get(MODEL_DEPLOYMENT_NAME)
+        if deployment is None or app.get("status") == "DELETING":
             continue
-        deployed[app_name] = ModelApp(app.last_deployed_time_s, deployment.replica_states.get("RUNNING", 0) > 0)
+        running = any(replica.get("state") == "RUNNING" for replica in deployment.get("replicas", []))
+        deployed[app_name] = ModelApp(app["last_deployed_time_s"], running)
     return deployed
 
 
