@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import admin, protocol
@@ -95,31 +96,55 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(InternalError("internal error; the request was not completed"))
 
 
-@api.middleware("http")
-async def _measure(request: Request, call_next):
-    """Outermost: every answer, 401s and 413s included, is counted with its status and latency."""
-    started = request.state.started = time.perf_counter()
-    response = await _authenticate_and_limit(request, call_next)
-    if getattr(request.state, "billed", False):  # only a response that has a ledger row names one
-        response.headers["X-Usage-Id"] = request.state.request_id
-    if getattr(request.state, "ignored_fields", None):
-        response.headers["X-Ignored-Fields"] = ignored_fields_header(request.state.ignored_fields)
-    metrics = getattr(request.app.state, "metrics", None)
-    if metrics is not None:
-        metrics.request(getattr(request.state, "model", "-"), route_label(request), response.status_code,
-                        time.perf_counter() - started)
-    return response
+class AdmitAndMeter:
+    """The gateway's outermost middleware (inside CORS): authenticate, rate-limit and size-check every request
+    before any route runs, then stamp the response's ledger headers and count it with its status and latency (401s
+    and 413s included).
 
+    Pure ASGI on purpose: Starlette's BaseHTTPMiddleware (what `@app.middleware("http")` builds) runs every request
+    through a task group and memory streams, which the gateway paid on every request (BENCHMARKS.md, serving path).
+    `Request(scope)` here and the route's own Request share `scope["state"]`, so what a route records (billed,
+    model, ignored fields) is read here when its response starts."""
 
-async def _authenticate_and_limit(request: Request, call_next):
-    guard = getattr(request.app.state, "key_guard", None)
-    if guard is not None and request.url.path not in OPEN_PATHS:
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        started = request.state.started = time.perf_counter()
+        status = 500  # unless a response starts: an exception escaping the app becomes a 500 outside this
+
+        async def send_stamped(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = MutableHeaders(scope=message)
+                if getattr(request.state, "billed", False):  # only a response that has a ledger row names one
+                    headers["X-Usage-Id"] = request.state.request_id
+                if getattr(request.state, "ignored_fields", None):
+                    headers["X-Ignored-Fields"] = ignored_fields_header(request.state.ignored_fields)
+            await send(message)
+
         try:
+            refusal = await admission_refusal(request)
+            await (refusal or self.app)(scope, receive, send_stamped)
+        finally:
+            metrics = getattr(request.app.state, "metrics", None)
+            if metrics is not None:
+                metrics.request(getattr(request.state, "model", "-"), route_label(request), status,
+                                time.perf_counter() - started)
+
+
+async def admission_refusal(request: Request) -> JSONResponse | None:
+    """The error response for a request that must not reach its route (no or bad key, rate limit, bad
+    Idempotency-Key, declared body over the limit), else None, with the key and ledger id set on its state."""
+    guard = getattr(request.app.state, "key_guard", None)
+    try:
+        if guard is not None and request.url.path not in OPEN_PATHS:
             request.state.api_key = await guard.authenticate(request.headers.get("authorization"))
             await enforce_rate_limits(request, request.state.api_key)
-        except ServingError as error:
-            return error_response(error)
-    try:
         request.state.request_id = ledger_request_id(request)
     except ServingError as error:
         return error_response(error)
@@ -127,7 +152,10 @@ async def _authenticate_and_limit(request: Request, call_next):
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         return error_response(PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}"))
-    return await call_next(request)
+    return None
+
+
+api.add_middleware(AdmitAndMeter)
 
 
 async def enforce_rate_limits(request: Request, key) -> None:
