@@ -136,15 +136,19 @@ class Ledger:
 
     def _commit(self, rows: list[dict[str, Any]]) -> set[int]:
         """Insert the rows (ignoring ids already there) and return the positions of rows whose id is taken by a
-        different request: fingerprints are compared in the same transaction."""
+        different request: fingerprints are compared in the same transaction. Only rows derived from an
+        Idempotency-Key can meet their id again (the others have a fresh random id and no fingerprint), so only
+        they are read back: a commit of fresh rows is the insert alone."""
+        repeatable = [row["request_id"] for row in rows if row["fingerprint"]]
         with self.engine.begin() as connection:
             connection.execute(self._insert, rows)
             stored = dict(connection.execute(
                 select(usage_records.c.request_id, usage_records.c.fingerprint)
-                .where(usage_records.c.request_id.in_([row["request_id"] for row in rows]))).all())
+                .where(usage_records.c.request_id.in_(repeatable))).all()) if repeatable else {}
         self.commits += 1
         self.records += len(rows)
-        return {index for index, row in enumerate(rows) if stored.get(row["request_id"]) != row["fingerprint"]}
+        return {index for index, row in enumerate(rows)
+                if row["fingerprint"] and stored.get(row["request_id"]) != row["fingerprint"]}
 
 
 # ---- reading: totals per key, model and UTC day ----------------------------------------------------------------
