@@ -81,3 +81,50 @@ def test_max_waiting_requests_refuses_at_once_while_the_engine_is_busy(tiny_rera
         assert len((await running)["scores"]) == 300 and len((await waiting)["scores"]) == 1
 
     asyncio.run(scenario())
+
+
+def test_an_idle_engine_runs_a_lone_request_at_once(tiny_reranker_path):
+    server = ModelServer.func_or_class({"name": "r", "task": "rerank", "source": str(tiny_reranker_path),
+                                        "device": "cpu"})
+    # A long gather window: a lone request that entered @serve.batch would wait for it (and @serve.batch needs a
+    # running Serve replica, so outside one it would not be answered at all).
+    server.reconfigure({"max_wait_ms": 1000})
+
+    async def scenario():
+        for _ in range(3):
+            await asyncio.wait_for(server.rerank("q", ["a document"]), timeout=30)
+
+    asyncio.run(scenario())
+    stats = server._stats
+    assert stats["immediate_jobs"] == stats["jobs"] == stats["engine_runs"] == 3 and stats["batches"] == 0
+
+
+def test_requests_that_arrive_while_the_engine_is_busy_gather_for_its_next_pass(tiny_reranker_path):
+    server = ModelServer.func_or_class({"name": "r", "task": "rerank", "source": str(tiny_reranker_path),
+                                        "device": "cpu"})
+    gathered = []
+
+    async def serve_batch_stand_in(job):
+        # @serve.batch needs a running Serve replica (tests/test_serving_deploy.py covers it there); here the stand-in
+        # records that the request took the batch path and hands it on as a one-job batch would be.
+        gathered.append(job)
+        return (await server._forward([job]))[0]
+
+    server._run_batch = serve_batch_stand_in
+    heavy = ["a long document about pandas and bamboo " * 40] * 300
+    waiting = [[f"document {i} about bamboo"] for i in range(3)]
+
+    async def scenario():
+        running = asyncio.create_task(server.rerank("q", heavy))
+        while not server._busy:
+            await asyncio.sleep(0.005)
+        answers = await asyncio.gather(*(server.rerank("q", documents) for documents in waiting))
+        await running
+        return answers
+
+    answers = asyncio.run(scenario())
+    stats = server._stats
+    assert stats["immediate_jobs"] == 1 and len(gathered) == 3  # the first found the engine idle; the rest waited
+    assert stats["engine_runs"] == 2 and stats["largest_run_jobs"] == 3, stats  # the heavy one, then all three
+    for documents, answer in zip(waiting, answers):
+        assert answer["scores"] == pytest.approx(server.engine.rerank("q", documents).scores, abs=1e-6)

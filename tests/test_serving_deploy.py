@@ -41,10 +41,10 @@ def test_concurrent_requests_share_batches_and_all_answers_are_right(served, ref
         expected = reference.scores(query, documents)
         for result in response.json()["results"]:
             assert abs(result["relevance_score"] - expected[result["index"]]) <= TOLERANCE
-    jobs, batches = after["jobs"] - before["jobs"], after["batches"] - before["batches"]
+    jobs, runs = after["jobs"] - before["jobs"], after["engine_runs"] - before["engine_runs"]
     assert jobs == 64
-    assert batches < jobs, f"64 concurrent requests ran in {batches} batches: nothing was batched"
-    assert after["largest_batch_jobs"] > 1
+    assert runs < jobs, f"64 concurrent requests took {runs} engine runs: no forward pass was shared"
+    assert after["largest_run_jobs"] > 1
 
 
 def wait_for(condition, timeout_s=60, what="condition"):
