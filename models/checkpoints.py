@@ -79,8 +79,10 @@ def _end_of_text_post_processor(byte_level: dict) -> dict:
     return {"type": "Sequence", "processors": [byte_level, template]}
 
 
-def write_tokenizer(out: Path, append_end_of_text: bool) -> None:
-    source = tokenizer_files_dir()
+def write_tokenizer(out: Path, append_end_of_text: bool, source: Path | str | None = None) -> None:
+    """Write the reranker's (Qwen3's own) or, with `append_end_of_text`, the embedder's tokenizer files into
+    `out`, from `source` (default: tokenizer_files_dir())."""
+    source = Path(source) if source is not None else tokenizer_files_dir()
     for name in ("vocab.json", "merges.txt"):
         shutil.copyfile(source / name, out / name)
     if append_end_of_text:
@@ -111,6 +113,23 @@ def checkpoint_name(task: str, shape: str, layers: int | None = None) -> str:
     return f"qwen3-{family}-{shape}{suffix}"
 
 
+def random_model(task: str, shape: str = "tiny", layers: int | None = None, seed: int = 0,
+                 tie_word_embeddings: bool | None = None, attn_implementation: str | None = None):
+    """A random-weight model of the published class in bf16, the published dtype: `Qwen3ForCausalLM` for
+    rerankers, `Qwen3Model` for embedders. The same arguments give the same weights. Parameters are created on
+    torch's current default device, so `with torch.device("cuda"):` builds it in GPU memory directly."""
+    if task not in ("rerank", "embed"):
+        raise ValueError("task must be 'rerank' or 'embed'")
+    config = qwen3_config(SHAPES[shape], layers)
+    if tie_word_embeddings is not None:
+        config.tie_word_embeddings = tie_word_embeddings
+    torch.manual_seed(seed)
+    model_class = Qwen3ForCausalLM if task == "rerank" else Qwen3Model
+    options = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    # Build directly in bf16: the shape-true 8B would need 32 GB in fp32.
+    return model_class._from_config(config, dtype=torch.bfloat16, **options)
+
+
 def build_checkpoint(out_dir: Path | str, task: str, shape: str = "tiny", layers: int | None = None,
                      seed: int = 0, tie_word_embeddings: bool | None = None) -> Path:
     """Write one checkpoint directory (weights in bf16, as the published ones) and return its path.
@@ -124,14 +143,7 @@ def build_checkpoint(out_dir: Path | str, task: str, shape: str = "tiny", layers
     if (out / "config.json").exists() and (out / "tokenizer.json").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    config = qwen3_config(SHAPES[shape], layers)
-    if tie_word_embeddings is not None:
-        config.tie_word_embeddings = tie_word_embeddings
-    torch.manual_seed(seed)
-    model_class = Qwen3ForCausalLM if task == "rerank" else Qwen3Model
-    # Build directly in bf16: the shape-true 8B would need 32 GB in fp32.
-    model = model_class._from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(out)
+    random_model(task, shape, layers, seed, tie_word_embeddings).save_pretrained(out)
     write_tokenizer(out, append_end_of_text=(task == "embed"))
     return out
 
