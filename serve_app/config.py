@@ -60,7 +60,9 @@ class BatchingConfig(Strict):
     # Tokens gathered from concurrent requests into one engine call (the @serve.batch budget, counted with
     # batch_size_fn). A single request larger than this still runs, alone.
     max_batch_tokens: int = Field(default=65536, ge=256)
-    # How long the first request of a batch waits for company. Small: on an idle replica it is pure latency.
+    # How long the first request of a batch waits for company in @serve.batch. Only requests that arrive while the
+    # engine is busy take that path (they would wait for the running pass anyway); one that finds it idle runs at
+    # once (serve_app/deployment.py).
     max_wait_ms: float = Field(default=2.0, ge=0, le=1000)
     # Requests a replica accepts while its engine is busy, beyond those in the running forward pass; the next
     # one is refused at once (503 + Retry-After) instead of waiting. Bounds latency per replica, whatever the
