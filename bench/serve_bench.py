@@ -74,8 +74,15 @@ def in_process(rerank_path: Path, embed_path: Path, workload: dict, args) -> dic
 
 # ---- over HTTP ------------------------------------------------------------------------------------------
 
-def serve_config(rerank_path: Path, embed_path: Path, port: int, cpus: int, max_wait_ms: float | None) -> dict:
+ONE_DOCUMENT = ["The garbage collector frees objects once no reference to them is left."]
+
+
+def serve_config(rerank_path: Path, embed_path: Path, port: int, cpus: int, max_wait_ms: float | None, *,
+                 auth: bool = False, database_url: str | None = None) -> dict:
     batching = {} if max_wait_ms is None else {"max_wait_ms": max_wait_ms}
+    gateway = {"auth": {"enabled": auth}, "deployment": {"num_cpus": 0}}
+    if database_url is not None:
+        gateway["database_url"] = database_url
 
     def model(name, task, path):
         return {"name": name, "route_prefix": None, "import_path": "serve_app.app:model_app",
@@ -84,7 +91,7 @@ def serve_config(rerank_path: Path, embed_path: Path, port: int, cpus: int, max_
 
     return {"http_options": {"host": "127.0.0.1", "port": port},
             "applications": [{"name": "gateway", "route_prefix": "/", "import_path": "serve_app.app:gateway_app",
-                              "args": {"auth": {"enabled": False}, "deployment": {"num_cpus": 0}}},
+                              "args": gateway},
                              model("bench-reranker", "rerank", rerank_path),
                              model("bench-embedder", "embed", embed_path)]}
 
@@ -153,7 +160,7 @@ def main() -> None:
     paths = {task: build_checkpoint(Path(args.checkpoints) / checkpoint_name(task, args.shape, layers), task,
                                     args.shape, layers) for task in ("rerank", "embed")}
     texts = make_texts(args.requests * args.docs, 20, 80, seed=1)
-    workload = {"one_doc": ["The garbage collector frees objects once no reference to them is left."],
+    workload = {"one_doc": ONE_DOCUMENT,
                 "requests": [texts[i * args.docs:(i + 1) * args.docs] for i in range(args.requests)]}
     documents = args.requests * args.docs
     print(f"shape {args.shape} layers {layers or 'all'}; {args.requests} requests x {args.docs} docs "

@@ -101,13 +101,16 @@ class ServeInstance:
         serve.shutdown()
         ray.shutdown()
 
-    def deploy(self, config: dict[str, Any], timeout_s: float = 180, wait: bool = True) -> None:
+    def deploy(self, config: dict[str, Any], timeout_s: float = 180, wait: bool = True,
+               unchecked_applications: list[dict] = ()) -> None:
         """Apply a whole config as `serve deploy` does, then (with `wait`) wait until the gateway serves exactly
-        its models."""
+        its models. `unchecked_applications` (not ours, e.g. the benchmarks' floor app) are deployed beside it,
+        past our schema."""
         from ray.serve.context import _get_global_client
         from ray.serve.schema import ServeDeploySchema
 
         checked = ServeConfigFile.model_validate(config)
+        config = {**config, "applications": [*config["applications"], *unchecked_applications]}
         _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
         if not wait:
             return

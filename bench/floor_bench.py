@@ -1,0 +1,213 @@
+"""Our serving path vs Ray Serve's floor, side by side in one Ray instance, with one client.
+
+Both run at once on the same local Serve instance: the floor (bench/floor_app.py: proxy -> FastAPI ingress ->
+handle call -> a deployment returning constants) under /floor, and our stack (proxy -> gateway -> model replica,
+with auth on a real key and the usage ledger) under /. For each variant of our gateway (auth and ledger
+settings; the gateway is redeployed between variants, the floor stays):
+
+  latency     sequential one-document rerank and one-input embedding requests: p50 and p90. Rounds alternate
+              floor / ours, so drift on the shared cores falls on both.
+  saturation  `--concurrency` clients (default 32), each sending one-document requests back to back: requests/s.
+
+    python bench/floor_bench.py                                    # tiny models: the serving path itself
+    python bench/floor_bench.py --variants auth-sqlite auth-off auth-postgres
+    python bench/floor_bench.py --shape 0.6b --layers 4            # shape-true widths: the effect on real work
+
+The load generator (aiohttp) runs in this process, on the same cores as the servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import re
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.serve_bench import ONE_DOCUMENT, body, percentile, serve_config  # noqa: E402
+from models.checkpoints import build_checkpoint, checkpoint_name  # noqa: E402
+
+ROUTES = {"rerank": "/v1/rerank", "embed": "/v1/embeddings"}
+VARIANTS = {  # gateway args per variant; "database" is filled in by the run
+    "auth-sqlite": {"auth": True, "database": "sqlite"},
+    "auth-off": {"auth": False, "database": "sqlite"},
+    "auth-postgres": {"auth": True, "database": "postgres"},
+}
+
+
+def floor_application() -> dict:
+    return {"name": "floor", "route_prefix": "/floor", "import_path": "bench.floor_app:floor_app",
+            "args": {"num_cpus": 0}}
+
+
+async def sequential(session, path: str, payload: dict, headers: dict, count: int) -> list[float]:
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        async with session.post(path, json=payload, headers=headers) as response:
+            await response.read()
+            if response.status != 200:
+                raise RuntimeError(f"{path}: HTTP {response.status}: {await response.text()}")
+        times.append(time.perf_counter() - start)
+    return times
+
+
+async def saturation(session, path: str, payload: dict, headers: dict, clients: int, total: int) -> float:
+    """Requests/s with `clients` closed-loop clients sending `total` requests in all."""
+    remaining = total
+
+    async def client():
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            async with session.post(path, json=payload, headers=headers) as response:
+                await response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"{path}: HTTP {response.status}: {await response.text()}")
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return total / (time.perf_counter() - start)
+
+
+MODEL_APPS = {"rerank": "bench-reranker", "embed": "bench-embedder"}
+# Serve's access log line in the proxy and in every replica: "<LEVEL> <date> <time>,<ms> <who> ... -- <method>
+# <route> <status> <latency>ms" (replicas called by handle log "CALL <route> OK").
+ACCESS_LINE = re.compile(r"^\w+ (\S+ \S+),(\d+) .* -- \S+ (\S+) \S+ ([\d.]+)ms$")
+SERVE_LOGS = Path("/tmp/ray/session_latest/logs/serve")
+
+
+def hop_medians(since: datetime, until: datetime) -> dict[str, float]:
+    """Median latency each Serve process logged for the requests it handled between `since` and `until`: the proxy
+    and each replica, keyed by log file (proxy, replica_<app>_<deployment>). Each hop includes the ones after it."""
+    latencies: dict[str, list[float]] = {}
+    for log in SERVE_LOGS.glob("*.log"):
+        if not log.name.startswith(("proxy", "replica")):
+            continue
+        who = "proxy" if log.name.startswith("proxy") else "_".join(log.stem.split("_")[1:3])
+        for line in log.read_text(errors="replace").splitlines():
+            match = ACCESS_LINE.match(line)
+            if match is None:
+                continue
+            stamp = datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S").replace(microsecond=int(match[2]) * 1000)
+            if since <= stamp <= until and "/health" not in match[3]:
+                latencies.setdefault(who, []).append(float(match[4]))
+    return {who: statistics.median(values) for who, values in sorted(latencies.items())}
+
+
+async def engine_seconds_and_jobs(instance, kind: str) -> tuple[float, int]:
+    stats = await instance.model_handle(MODEL_APPS[kind]).stats.remote()
+    return stats["engine_seconds"], stats["jobs"]
+
+
+async def measure(instance, headers: dict, args) -> dict:
+    """{(target, kind): {"latency": [...], "rate": [...]}} for target floor / ours, and {kind: engine ms per
+    sequential request} (the model's own forward time, which the floor does not have)."""
+    results: dict = {}
+    url = instance.url
+    connector = aiohttp.TCPConnector(limit=args.concurrency)
+    async with aiohttp.ClientSession(url, connector=connector) as session:
+        targets = {"floor": ("/floor", {}), "ours": ("", headers)}
+        for kind, route in ROUTES.items():
+            payload = body(kind, ONE_DOCUMENT)
+            for prefix, target_headers in targets.values():  # warm both paths (handles, connections, caches)
+                await sequential(session, prefix + route, payload, target_headers, 20)
+                await saturation(session, prefix + route, payload, target_headers, args.concurrency,
+                                 args.concurrency * 2)
+            engine_before = await engine_seconds_and_jobs(instance, kind)
+            for _ in range(args.rounds):
+                for target, (prefix, target_headers) in targets.items():
+                    entry = results.setdefault((target, kind), {"latency": [], "rate": []})
+                    since = datetime.now()
+                    entry["latency"] += await sequential(session, prefix + route, payload, target_headers,
+                                                         args.latency_samples)
+                    entry["window"] = (since, datetime.now())
+            engine_after = await engine_seconds_and_jobs(instance, kind)
+            results[("engine", kind)] = ((engine_after[0] - engine_before[0]) * 1e3
+                                         / max(1, engine_after[1] - engine_before[1]))
+            for _ in range(args.rounds):
+                for target, (prefix, target_headers) in targets.items():
+                    results[(target, kind)]["rate"].append(await saturation(
+                        session, prefix + route, payload, target_headers, args.concurrency, args.saturation_requests))
+    return results
+
+
+def report(variant: str, results: dict) -> None:
+    print(f"\n{variant}: {'metric':<28} {'floor':>9} {'ours':>9} {'gap':>10}")
+    for kind in ROUTES:
+        floor, ours = results[("floor", kind)], results[("ours", kind)]
+        for name, q in (("p50", 0.5), ("p90", 0.9)):
+            a, b = (percentile(r["latency"], q) * 1e3 for r in (floor, ours))
+            print(f"{'':<{len(variant)}}  {kind + ' ' + name + ' one-document (ms)':<28} {a:>9.2f} {b:>9.2f} "
+                  f"{b - a:>+8.2f}ms")
+        print(f"{'':<{len(variant)}}  {'  of which engine forward':<28} {'':>9} {results[('engine', kind)]:>9.2f}")
+        a, b = (statistics.median(r["rate"]) for r in (floor, ours))
+        print(f"{'':<{len(variant)}}  {kind + ' saturation (req/s)':<28} {a:>9.1f} {b:>9.1f} {b / a:>9.1%}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="tiny", choices=["tiny", "0.6b"])
+    parser.add_argument("--layers", type=int, default=4, help="layers of the shape-true model (not tiny)")
+    parser.add_argument("--variants", nargs="+", default=["auth-sqlite"], choices=sorted(VARIANTS))
+    parser.add_argument("--rounds", type=int, default=3, help="alternating floor/ours rounds per measurement")
+    parser.add_argument("--latency-samples", type=int, default=60, help="sequential requests per round")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--saturation-requests", type=int, default=600, help="requests per saturation round")
+    parser.add_argument("--cpus", type=int, default=1, help="CPUs (torch threads) of each model replica")
+    parser.add_argument("--max-wait-ms", type=float, default=None, help="batching.max_wait_ms (default: config's)")
+    parser.add_argument("--checkpoints", default=str(REPO / "checkpoints"))
+    args = parser.parse_args()
+
+    layers = None if args.shape == "tiny" else args.layers
+    paths = {task: build_checkpoint(Path(args.checkpoints) / checkpoint_name(task, args.shape, layers), task,
+                                    args.shape, layers) for task in ("rerank", "embed")}
+    print(f"shape {args.shape} layers {layers or 'all'}; variants {' '.join(args.variants)}; {args.rounds} rounds "
+          f"x {args.latency_samples} sequential requests; saturation {args.concurrency} clients x "
+          f"{args.saturation_requests} requests per round; model replicas {args.cpus} CPU", flush=True)
+
+    from serve_app.store import KeyStore, connect
+    from tests.postgres import PostgresServer
+    from tests.serving import ServeInstance, free_port
+
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="floor-bench-")))
+        databases = {"sqlite": f"sqlite:///{workdir / 'bench.db'}"}
+        if any(VARIANTS[v]["database"] == "postgres" for v in args.variants):
+            server = PostgresServer().start()
+            stack.callback(server.stop)
+            databases["postgres"] = server.url
+        secrets = {name: KeyStore(connect(url)).create("floor-bench")[1] for name, url in databases.items()}
+
+        port = free_port()
+        instance = ServeInstance.start_on(port, num_cpus=8, num_gpus=0)
+        stack.callback(instance.stop)
+        for variant in args.variants:
+            settings = VARIANTS[variant]
+            config = serve_config(paths["rerank"], paths["embed"], port, args.cpus, args.max_wait_ms,
+                                  auth=settings["auth"], database_url=databases[settings["database"]])
+            instance.headers = {"Authorization": f"Bearer {secrets[settings['database']]}"}
+            instance.deploy(config, unchecked_applications=[floor_application()])
+            headers = instance.headers if settings["auth"] else {}
+            results = asyncio.run(measure(instance, headers, args))
+            report(variant, results)
+            time.sleep(2)  # Serve's access logs are written asynchronously
+            for (target, kind), entry in results.items():
+                if target != "engine":
+                    hops = hop_medians(*entry["window"])
+                    print(f"  hops, {target} {kind} (medians of Serve's access logs, last round): "
+                          + ", ".join(f"{who} {ms:.2f} ms" for who, ms in hops.items()))
+
+
+if __name__ == "__main__":
+    main()
