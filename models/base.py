@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, ClassVar
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, Cache, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, Cache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from models.batching import plan_micro_batches
@@ -52,6 +52,14 @@ class Runtime:
     # Concatenate a micro-batch into one row (no padding) with restarting position ids. Pays only with
     # flash-attention's varlen kernel; under SDPA transformers builds a dense block mask, which is slower.
     pack_sequences: bool
+    # A micro-batch whose rows all continue one query head reads it through `expand` (one copy of the head's
+    # slots per layer, one positions row, no key mask) instead of each row gathering its own copy behind a key
+    # mask, as rows of different heads must. Measured on the 2-core CPU (shape-true 0.6B widths, 4 layers, budget
+    # 1024, micro-batches alternated; BENCHMARKS.md "Cross-request packing"): for a 2055-token query x 32 short
+    # documents gathering took 1.103x the time of the engine before issue 14, expand 1.009x; for rerank 1x32
+    # (76-token head) both were within 0.6% of it. Not measured on a GPU (none lent yet); expand copies less on
+    # any device, so it is on everywhere, and False keeps the gather path checkable there.
+    expand_shared_head: bool = True
 
     @property
     def default_token_budget(self) -> int:
@@ -100,34 +108,79 @@ def load_pretrained(model_class: type[PreTrainedModel], source: str, revision: s
     return model.to(runtime.device).eval()
 
 
-class _SharedPrefixLayer(DynamicLayer):
-    """One layer's cached keys/values of a prefix shared by every row of a batch, read but never grown.
+class _HeadStoreLayer(DynamicLayer):
+    """One layer's cache during a pass over right-padded heads: writes their keys/values into the store.
 
-    Each forward returns [prefix ; new] for attention and forgets the new part, so one prefix serves any
-    number of micro-batches without copies, and memory holds one layer's expanded keys at a time instead of
-    the whole batch's cache.
+    The pass attends only to its own tokens (there is no past); its rows land in the store's slots
+    [offset, offset + batch x width), row after row, padding slots included (masked when read).
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+    def __init__(self, keys_store: torch.Tensor, values_store: torch.Tensor, offset: int):
         super().__init__()
-        self.lazy_initialization(keys, values)
-        self.keys, self.values = keys, values
+        self.keys_store, self.values_store, self.offset = keys_store, values_store, offset
+
+    def get_seq_length(self) -> int:
+        return 0
 
     def update(self, key_states, value_states, *args, **kwargs):
-        batch = key_states.shape[0]
-        keys = torch.cat([self.keys.expand(batch, -1, -1, -1), key_states], dim=-2)
-        values = torch.cat([self.values.expand(batch, -1, -1, -1), value_states], dim=-2)
-        return keys, values
+        batch, heads, width, head_dim = key_states.shape
+        slots = slice(self.offset, self.offset + batch * width)
+        self.keys_store[:, slots].view(heads, batch, width, head_dim).copy_(key_states.transpose(0, 1))
+        self.values_store[:, slots].view(heads, batch, width, head_dim).copy_(value_states.transpose(0, 1))
+        return key_states, value_states
 
 
-def shared_prefix_cache(prefix_cache: Cache) -> Cache:
-    """Freeze a batch-1 cache (from a forward with use_cache=True) into a read-only shared prefix."""
-    return Cache(layers=[_SharedPrefixLayer(layer.keys, layer.values) for layer in prefix_cache.layers])
+class _GatheredPrefixLayer(DynamicLayer):
+    """One layer's cached head keys/values in front of a micro-batch's own, read but never grown.
+
+    Row b's prefix is the store's slots `slots[b]` ([rows, width]; a single row serves every row of the batch
+    through `expand`). Each forward returns [prefix ; new] for attention and forgets the new part, so one store
+    serves any number of micro-batches, and memory holds one layer's gathered keys at a time.
+    """
+
+    def __init__(self, keys_store: torch.Tensor, values_store: torch.Tensor, slots: torch.Tensor):
+        super().__init__()
+        self.keys_store, self.values_store, self.slots = keys_store, values_store, slots
+
+    def get_seq_length(self) -> int:
+        return self.slots.shape[1]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self._after_prefix(self.keys_store, key_states), self._after_prefix(self.values_store, value_states)
+
+    def _after_prefix(self, store: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        rows, width = self.slots.shape
+        heads, _, head_dim = store.shape
+        prefix = store.index_select(1, self.slots.flatten()).view(heads, rows, width, head_dim).transpose(0, 1)
+        return torch.cat([prefix.expand(states.shape[0], -1, -1, -1), states], dim=-2)
+
+
+@dataclass
+class HeadStore:
+    """Keys/values of many heads, per layer [kv_heads, slots, head_dim]: head i fills slots
+    starts[i] .. starts[i] + lengths[i] - 1 (slots after it, up to the next head, are padding)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    starts: torch.Tensor
+    lengths: torch.Tensor
+
+    def cache(self, heads: torch.Tensor, width: int) -> Cache:
+        """A read-only cache putting head heads[b] in front of row b (one head: in front of every row), padded to
+        `width` slots. Padding slots repeat the head's last slot, so they are valid indices; masks hide them."""
+        columns = torch.arange(width, device=heads.device)
+        slots = self.starts[heads, None] + torch.minimum(columns, self.lengths[heads, None] - 1)
+        return Cache(layers=[_GatheredPrefixLayer(keys, values, slots) for keys, values in zip(self.keys, self.values)])
 
 
 @dataclass
 class WorkCounters:
-    """Cumulative forward-pass work of an engine. real_tokens / computed_slots is the padding efficiency."""
+    """Cumulative forward-pass work of an engine. real_tokens / computed_slots is the padding efficiency.
+
+    micro_batches counts forward passes, the reranker's query-head passes included; computed_slots counts the
+    token slots each pass computes (batch x longest row when padded), real_tokens the real tokens among them
+    (each query head once). For one `run`: `before = work.snapshot(); engine.run(jobs); work.since(before)`.
+    """
 
     real_tokens: int = 0
     computed_slots: int = 0
@@ -137,6 +190,22 @@ class WorkCounters:
         self.real_tokens += sum(lengths)
         self.computed_slots += sum(lengths) if packed else len(lengths) * max(lengths)
         self.micro_batches += 1
+
+    def snapshot(self) -> WorkCounters:
+        return replace(self)
+
+    def since(self, earlier: WorkCounters) -> WorkCounters:
+        """The work done after `earlier` (a snapshot of these counters)."""
+        return WorkCounters(self.real_tokens - earlier.real_tokens, self.computed_slots - earlier.computed_slots,
+                            self.micro_batches - earlier.micro_batches)
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.real_tokens / self.micro_batches if self.micro_batches else 0.0
+
+    @property
+    def slots_per_pass(self) -> float:
+        return self.computed_slots / self.micro_batches if self.micro_batches else 0.0
 
 
 class Qwen3Engine:
@@ -207,39 +276,109 @@ class Qwen3Engine:
     # ---- forward passes -------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def last_token_states(self, sequences: list[TokenIds], prefix: Cache | None = None) -> torch.Tensor:
+    def last_token_states(self, sequences: list[TokenIds]) -> torch.Tensor:
         """Final-norm hidden state of each sequence's last token, fp32, in input order: [N, hidden].
 
-        Sequences are length-sorted into micro-batches under the token budget. With `prefix`, every sequence
-        continues that shared cached prefix (the reranker's query head).
+        Sequences are length-sorted into micro-batches under the token budget.
         """
         out = torch.empty(len(sequences), self.hidden_size, dtype=torch.float32, device=self.runtime.device)
         lengths = [len(s) for s in sequences]
+        packed = self.runtime.pack_sequences
         for group in plan_micro_batches(lengths, self.token_budget, self.max_batch_items):
             batch = [sequences[i] for i in group]
-            packed = prefix is None and self.runtime.pack_sequences
-            states = self._forward_packed(batch) if packed else self._forward_padded(batch, prefix)
+            states = self._forward_packed(batch) if packed else self._forward_padded(batch)
             self.work.add([len(seq) for seq in batch], packed)
             out[torch.tensor(group, device=out.device)] = states.float()
         return out
 
-    def _forward_padded(self, batch: list[TokenIds], prefix: Cache | None) -> torch.Tensor:
-        # Right padding and no attention mask: under causal attention a real token only sees earlier
-        # positions, which are all real, so the result at each sequence's last token is exact, and SDPA
-        # keeps its fast is_causal path.
+    @torch.inference_mode()
+    def last_token_states_after_heads(self, heads: list[TokenIds], tails: list[TokenIds],
+                                      owners: list[int]) -> torch.Tensor:
+        """Final-norm hidden state of the last token of each `head[owners[i]] + tails[i]`, fp32: [N, hidden].
+
+        Each head runs once (heads share right-padded passes) and its keys/values serve every tail that continues
+        it: exact under causal attention. Tails of all heads are length-sorted together into micro-batches under
+        the token budget, each row reading its own head's keys/values.
+        """
+        out = torch.empty(len(tails), self.hidden_size, dtype=torch.float32, device=self.runtime.device)
+        # Heads are held in waves of at most max_length padded slots (or a single head), so a run of many
+        # requests holds no more head keys/values than one max-length query did when heads ran one at a time.
+        for wave in plan_micro_batches([len(h) for h in heads], self.max_length, max(len(heads), 1)):
+            store = self._head_store([heads[h] for h in wave])
+            wave_head = {head: position for position, head in enumerate(wave)}
+            members = [i for i, owner in enumerate(owners) if owner in wave_head]
+            for group in plan_micro_batches([len(tails[i]) for i in members], self.token_budget,
+                                            self.max_batch_items):
+                rows = [members[g] for g in group]
+                batch = [tails[i] for i in rows]
+                states = self._forward_after_heads(batch, store, [wave_head[owners[i]] for i in rows])
+                self.work.add([len(seq) for seq in batch], packed=False)
+                out[torch.tensor(rows, device=out.device)] = states.float()
+        return out
+
+    def _right_padded(self, batch: list[TokenIds]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [batch, longest] padded on the right, and each row's length."""
         device = self.runtime.device
         lengths = torch.tensor([len(s) for s in batch], device=device)
-        width = int(lengths.max())
-        padded = np.full((len(batch), width), self.pad_id, dtype=np.int64)
+        padded = np.full((len(batch), int(lengths.max())), self.pad_id, dtype=np.int64)
         for row, seq in enumerate(batch):
             padded[row, :len(seq)] = seq
-        ids = torch.from_numpy(padded).to(device)
-        offset = 0 if prefix is None else prefix.get_seq_length()
-        positions = torch.arange(offset, offset + width, device=device).unsqueeze(0)
+        return torch.from_numpy(padded).to(device), lengths
+
+    def _forward_padded(self, batch: list[TokenIds], cache: Cache | None = None) -> torch.Tensor:
+        # Right padding and no attention mask: under causal attention a real token only sees earlier
+        # positions, which are all real, so the result at each sequence's last token is exact, and SDPA
+        # keeps its fast is_causal path. With `cache` (a head store's writer), the keys/values are kept.
+        ids, lengths = self._right_padded(batch)
+        positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
         if self.cut_last_layer:
-            return last_token_forward(self.backbone, ids, positions, lengths - 1, cache=prefix)
-        hidden = self.backbone(input_ids=ids, position_ids=positions, past_key_values=prefix,
-                               use_cache=prefix is not None).last_hidden_state
+            return last_token_forward(self.backbone, ids, positions, lengths - 1, cache=cache)
+        hidden = self.backbone(input_ids=ids, position_ids=positions, past_key_values=cache,
+                               use_cache=cache is not None).last_hidden_state
+        return hidden[torch.arange(len(batch), device=ids.device), lengths - 1]
+
+    def _head_store(self, heads: list[TokenIds]) -> HeadStore:
+        """Run heads in right-padded micro-batches and keep their keys/values, every layer's, in one store."""
+        device, config = self.runtime.device, self.backbone.config
+        lengths = [len(h) for h in heads]
+        groups = plan_micro_batches(lengths, self.token_budget, self.max_batch_items)
+        widths = [max(lengths[i] for i in group) for group in groups]
+        shape = (config.num_key_value_heads, sum(len(g) * w for g, w in zip(groups, widths)), config.head_dim)
+        store = HeadStore(keys=[torch.empty(shape, dtype=self.backbone.dtype, device=device)
+                                for _ in range(config.num_hidden_layers)],
+                          values=[torch.empty(shape, dtype=self.backbone.dtype, device=device)
+                                  for _ in range(config.num_hidden_layers)],
+                          starts=torch.empty(len(heads), dtype=torch.long), lengths=torch.tensor(lengths))
+        offset = 0
+        for group, width in zip(groups, widths):
+            batch = [heads[i] for i in group]
+            self._forward_padded(batch, Cache(layers=[_HeadStoreLayer(keys, values, offset)
+                                                      for keys, values in zip(store.keys, store.values)]))
+            self.work.add([len(h) for h in batch], packed=False)
+            store.starts[group] = offset + width * torch.arange(len(group))
+            offset += len(group) * width
+        store.starts, store.lengths = store.starts.to(device), store.lengths.to(device)
+        return store
+
+    def _forward_after_heads(self, batch: list[TokenIds], store: HeadStore, heads: list[int]) -> torch.Tensor:
+        # Row b continues head heads[b]: positions restart after each row's own head, and heads are padded to the
+        # longest of the batch (RoPE is relative, so the padded slots move nothing), where a key mask hides them.
+        # Rows that all continue one head share it: one positions row and no key mask, so transformers builds
+        # one causal mask broadcast over the rows.
+        ids, lengths = self._right_padded(batch)
+        device = ids.device
+        shared = self.runtime.expand_shared_head and len(set(heads)) == 1
+        head_index = torch.tensor(heads[:1] if shared else heads, device=device)
+        head_lengths = store.lengths[head_index]
+        width = int(head_lengths.max())
+        cache = store.cache(head_index, width)
+        positions = head_lengths[:, None] + torch.arange(ids.shape[1], device=device)
+        key_mask = None if shared else torch.cat([torch.arange(width, device=device) < head_lengths[:, None],
+                                                  torch.ones(ids.shape, dtype=torch.bool, device=device)], dim=1)
+        if self.cut_last_layer:
+            return last_token_forward(self.backbone, ids, positions, lengths - 1, cache=cache, key_mask=key_mask)
+        hidden = self.backbone(input_ids=ids, attention_mask=key_mask, position_ids=positions,
+                               past_key_values=cache, use_cache=True).last_hidden_state
         return hidden[torch.arange(len(batch), device=device), lengths - 1]
 
     def _forward_packed(self, batch: list[TokenIds]) -> torch.Tensor:
@@ -251,18 +390,3 @@ class Qwen3Engine:
         hidden = self.backbone(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state[0]
         ends = torch.tensor([len(seq) for seq in batch], device=device).cumsum(0) - 1
         return hidden[ends]
-
-    @torch.inference_mode()
-    def prefix_cache(self, prefix_ids: TokenIds) -> Cache:
-        """Run a shared prefix once and keep its keys/values for the sequences that continue it."""
-        device = self.runtime.device
-        ids = torch.from_numpy(join_ids(prefix_ids)).long().to(device).unsqueeze(0)
-        if self.cut_last_layer:
-            cache = DynamicCache(config=self.backbone.config)
-            positions = torch.arange(len(prefix_ids), device=device).unsqueeze(0)
-            last_token_forward(self.backbone, ids, positions, torch.tensor([len(prefix_ids) - 1], device=device),
-                               cache=cache)
-        else:
-            cache = self.backbone(input_ids=ids, use_cache=True).past_key_values
-        self.work.add([len(prefix_ids)], packed=True)
-        return shared_prefix_cache(cache)

@@ -8,6 +8,8 @@ never compute the 151669-wide logits.
 The prompt splits into a per-request head (PREFIX + instruction + query) and a per-document tail
 ("<Document>: {doc}" + SUFFIX); tokenizing the two apart and concatenating gives exactly the joint tokens.
 So the head runs once per request and its keys/values serve every document (exact under causal attention).
+The documents of all requests in a `run` share length-sorted micro-batches, each row reading its own request's
+head; the heads share passes too.
 """
 
 from __future__ import annotations
@@ -127,24 +129,17 @@ class Qwen3Reranker(Qwen3Engine):
     # ---- forward + postprocess -------------------------------------------------------------------------
 
     def run(self, jobs: list[RerankJob]) -> list[RerankResult]:
-        """Score many requests at once. Multi-document requests reuse their query head's KV; single-document
-        requests are pooled across jobs into shared micro-batches."""
-        logits: list[torch.Tensor | None] = [None] * len(jobs)
-        pooled_jobs = []
-        for index, job in enumerate(jobs):
-            if self.reuse_query_prefix and len(job.tail_ids) > 1:
-                prefix = self.prefix_cache(job.head_ids)
-                logits[index] = self._logits(self.last_token_states(job.tail_ids, prefix=prefix))
-            else:
-                pooled_jobs.append(index)
-        if pooled_jobs:
-            sequences = [join_ids(jobs[i].head_ids, tail) for i in pooled_jobs for tail in jobs[i].tail_ids]
-            pooled = self._logits(self.last_token_states(sequences))
-            start = 0
-            for index in pooled_jobs:
-                count = len(jobs[index].tail_ids)
-                logits[index] = pooled[start:start + count]
-                start += count
+        """Score many requests at once, their documents sharing micro-batches. With reuse_query_prefix, each
+        request's query head runs once (heads share passes too) and its keys/values serve its documents;
+        without, every (head + document) prompt runs whole."""
+        tails = [tail for job in jobs for tail in job.tail_ids]
+        owners = [index for index, job in enumerate(jobs) for _ in job.tail_ids]
+        if self.reuse_query_prefix:
+            states = self.last_token_states_after_heads([job.head_ids for job in jobs], tails, owners)
+        else:
+            states = self.last_token_states([join_ids(jobs[owner].head_ids, tail)
+                                             for owner, tail in zip(owners, tails)])
+        logits = self._logits(states).split([len(job.tail_ids) for job in jobs])
         return [RerankResult(scores=torch.sigmoid(raw).tolist(), token_counts=job.token_counts, logits=raw.tolist())
                 for raw, job in zip(logits, jobs)]
 

@@ -37,7 +37,7 @@ def test_empty_and_invalid():
 def test_cpu_runtime_defaults():
     runtime = resolve_runtime("cpu")
     assert runtime.dtype == torch.float32 and runtime.attn_implementation == "sdpa"
-    assert not runtime.pack_sequences
+    assert not runtime.pack_sequences and runtime.expand_shared_head
     assert resolve_runtime("cpu", "bf16").dtype == torch.bfloat16
     with pytest.raises(ValueError):
         resolve_runtime("cpu", "int3")

@@ -154,15 +154,69 @@ def test_packed_sequences_match_padded(engine):
                         engine.rerank(QUERIES[0], documents).scores) <= 1e-6
 
 
-def test_many_jobs_in_one_run_equal_separate_runs(engine):
-    jobs = [engine.tokenize(q, DOCUMENTS[: 1 + i % 3], instruction=None if i % 2 else "custom")
-            for i, q in enumerate(QUERIES)]
-    together = engine.run(jobs)
-    # Reversed order, one at a time: each request's scores must be the same.
-    for job, result in zip(reversed(jobs), reversed(together)):
-        alone = engine.run([job])[0]
-        assert max_abs_diff(alone.scores, result.scores) <= 1e-6
-        assert alone.token_counts == result.token_counts
+MIXED_MAX_LENGTH = 600  # LONG_DOCUMENT is cut to this: the mixed runs and their reference stay cheap
+MIXED_REQUESTS = [  # (query, documents, instruction): short and long heads, 1 to 8 documents, tiny and cut ones
+    (QUERIES[0] * 8, DOCUMENTS, None),
+    (QUERIES[1], [LONG_DOCUMENT], None),
+    (QUERIES[2], ["x", "", DOCUMENTS[1] * 3], "Find the passage that answers a question about animals"),
+    (QUERIES[4], DOCUMENTS[3:5], ""),
+    (QUERIES[3], [DOCUMENTS[0]], "指令 🐼"),
+    (QUERIES[1], DOCUMENTS[5:] + [LONG_DOCUMENT, "ok"], None),
+]
+
+
+@pytest.fixture(scope="module")
+def mixed(engine):
+    """The mixed requests tokenized at MIXED_MAX_LENGTH, and each one's result when it runs alone."""
+    short = engine_variant(engine, max_length=MIXED_MAX_LENGTH)
+    jobs = [short.tokenize(query, documents, instruction) for query, documents, instruction in MIXED_REQUESTS]
+    return short, jobs, [short.run([job])[0] for job in jobs]
+
+
+@pytest.mark.parametrize("expand_shared_head", [True, False])
+@pytest.mark.parametrize("changes", [
+    {},
+    {"token_budget": 64},  # one document per pass: every pass continues a single head
+    {"token_budget": 300},
+    {"token_budget": 1_000_000, "max_batch_items": 1000},  # one pass for all heads, one for all documents
+    {"max_batch_items": 3, "cut_last_layer": False},
+    {"max_length": 100},  # heads held in waves of at most 100 slots: a wave or two per head
+])
+def test_requests_sharing_passes_score_as_if_alone(mixed, changes, expand_shared_head):
+    short, jobs, alone = mixed
+    variant = engine_variant(short, runtime=dataclasses.replace(short.runtime, expand_shared_head=expand_shared_head),
+                             **changes)
+    together = variant.run(jobs[::-1])[::-1]
+    for result, expected in zip(together, alone, strict=True):
+        assert max_abs_diff(result.scores, expected.scores) <= 1e-6
+        assert result.token_counts == expected.token_counts
+
+
+def test_requests_sharing_passes_match_model_card(tiny_reranker_path, mixed):
+    short, jobs, _ = mixed
+    reference = ModelCardReranker(str(tiny_reranker_path), max_length=MIXED_MAX_LENGTH)
+    for (query, documents, instruction), result in zip(MIXED_REQUESTS, short.run(jobs), strict=True):
+        expected = reference.scores(query, documents, instruction=instruction, batch_size=2)
+        assert max_abs_diff(result.scores, expected) <= TOLERANCE
+        assert result.token_counts == reference.token_counts(query, documents, instruction=instruction)
+
+
+def test_work_counters_count_every_pass_head_passes_included(engine):
+    jobs = [engine.tokenize(query, DOCUMENTS[:count]) for query, count in zip(QUERIES, (1, 3, 8))]
+    heads = [len(job.head_ids) for job in jobs]
+    tails = [len(tail) for job in jobs for tail in job.tail_ids]
+    roomy = engine_variant(engine, token_budget=1_000_000, max_batch_items=1000)
+    before = roomy.work.snapshot()
+    roomy.run(jobs)
+    together = roomy.work.since(before)
+    assert together.micro_batches == 2  # every head in one pass, then every document in one
+    assert together.real_tokens == sum(heads) + sum(tails)  # each head once
+    assert together.computed_slots == len(heads) * max(heads) + len(tails) * max(tails)
+    assert together.tokens_per_pass == together.real_tokens / 2
+    before = roomy.work.snapshot()
+    for job in jobs:
+        roomy.run([job])
+    assert roomy.work.since(before).micro_batches == 2 * len(jobs)
 
 
 def test_document_order_does_not_change_scores(engine):
