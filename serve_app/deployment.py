@@ -269,11 +269,12 @@ class ModelServer:
     def _run_measured(self, jobs: list, waits: list[float]) -> list:
         """_run_isolated plus its metrics, on the engine thread (so nothing else runs between the readings)."""
         work = self.engine.work
-        real, slots, started = work.real_tokens, work.computed_slots, time.perf_counter()
+        real, slots, passes, started = work.real_tokens, work.computed_slots, work.micro_batches, time.perf_counter()
         results = self._run_isolated(jobs)
         seconds = time.perf_counter() - started
         self._stats["engine_seconds"] += seconds
-        self.metrics.engine_run(len(jobs), work.real_tokens - real, work.computed_slots - slots, seconds, waits)
+        self.metrics.engine_run(len(jobs), work.real_tokens - real, work.computed_slots - slots,
+                                work.micro_batches - passes, seconds, waits)
         return results
 
     def _run_isolated(self, jobs: list) -> list:

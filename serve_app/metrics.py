@@ -14,6 +14,7 @@ from ray.serve.metrics import Counter, Histogram
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 BATCH_JOB_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 BATCH_TOKEN_BUCKETS = [64, 256, 1024, 4096, 16384, 65536, 262144]
+FORWARD_PASS_BUCKETS = [1, 2, 3, 4, 6, 8, 16, 32, 64, 128]
 RATIO_BUCKETS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]
 
 
@@ -49,13 +50,22 @@ class ModelMetrics:
         self.padding_efficiency = Histogram("qwen3_padding_efficiency",
                                             "Real tokens / token slots computed, per engine run",
                                             boundaries=RATIO_BUCKETS, tag_keys=("model",))
+        self.forward_passes = Histogram("qwen3_forward_passes", "Forward passes (micro-batches, query-head passes "
+                                        "included) per engine run", boundaries=FORWARD_PASS_BUCKETS,
+                                        tag_keys=("model",))
+        self.tokens_per_pass = Histogram("qwen3_tokens_per_pass", "Real tokens per forward pass, per engine run "
+                                         "(mean over the run's passes)", boundaries=BATCH_TOKEN_BUCKETS,
+                                         tag_keys=("model",))
         self.engine_seconds = Counter("qwen3_engine_seconds", "Seconds the engine spent in forward runs",
                                       tag_keys=("model",))
 
-    def engine_run(self, jobs: int, real_tokens: int, computed_slots: int, seconds: float,
+    def engine_run(self, jobs: int, real_tokens: int, computed_slots: int, passes: int, seconds: float,
                    waits: list[float]) -> None:
         self.batch_jobs.observe(jobs, tags=self.tags)
         self.batch_tokens.observe(real_tokens, tags=self.tags)
+        if passes:
+            self.forward_passes.observe(passes, tags=self.tags)
+            self.tokens_per_pass.observe(real_tokens / passes, tags=self.tags)
         if computed_slots:
             self.padding_efficiency.observe(real_tokens / computed_slots, tags=self.tags)
         self.engine_seconds.inc(seconds, tags=self.tags)

@@ -70,4 +70,9 @@ def test_gateway_and_model_metrics_follow_a_known_workload(served):
     runs = delta(after, before, f"ray_qwen3_padding_efficiency_count|model={RERANKER}")
     assert runs == 3 and delta(after, before, f"ray_qwen3_padding_efficiency_bucket|le=1.0|model={RERANKER}") == 3
     assert delta(after, before, f"ray_qwen3_batch_tokens_count|model={EMBEDDER}") == 1
+    # Each of the three 3-document rerank runs makes its query-head pass and then its documents' pass: 2 passes.
+    assert delta(after, before, f"ray_qwen3_forward_passes_count|model={RERANKER}") == 3
+    assert delta(after, before, f"ray_qwen3_forward_passes_bucket|le=1.0|model={RERANKER}") == 0
+    assert delta(after, before, f"ray_qwen3_forward_passes_bucket|le=2.0|model={RERANKER}") == 3
+    assert delta(after, before, f"ray_qwen3_tokens_per_pass_count|model={EMBEDDER}") == 1
     assert delta(after, before, f"ray_qwen3_engine_seconds_total|model={EMBEDDER}") > 0
