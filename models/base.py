@@ -69,6 +69,14 @@ class Runtime:
         # model take well under 1 GiB of activations.
         return 32768 if self.device.type == "cuda" else 1024
 
+    @property
+    def default_max_batch_items(self) -> int:
+        # Rows per micro-batch. On a GPU the passes are what cost: at budget 32768, 64 concurrent 8-document rerank
+        # requests take 1 head pass + 512/64 = 8 document passes at 64 rows, 1 + 6 at 96 with 1.181x the useful
+        # token slots (bench/packing_bench.py, BENCHMARKS.md "Cross-request packing"). CPU keeps 64 (its budget of
+        # 1024 slots binds first).
+        return 96 if self.device.type == "cuda" else DEFAULT_MAX_BATCH_ITEMS
+
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -216,7 +224,7 @@ class Qwen3Engine:
 
     def __init__(self, backbone: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, runtime: Runtime, *,
                  source: str, max_length: int = DEFAULT_MAX_LENGTH, token_budget: int | None = None,
-                 max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS):
+                 max_batch_items: int | None = None):
         if max_length < 16:
             raise ValueError("max_length must be at least 16 tokens")
         self.backbone = backbone
@@ -225,7 +233,7 @@ class Qwen3Engine:
         self.source = source
         self.max_length = max_length
         self.token_budget = token_budget or runtime.default_token_budget
-        self.max_batch_items = max_batch_items
+        self.max_batch_items = max_batch_items or runtime.default_max_batch_items
         self.vocab_size = backbone.get_input_embeddings().weight.shape[0]
         # Padding value for right-padded batches; padded positions are never attended to by real tokens
         # (causal attention), and never read, so any valid id works.

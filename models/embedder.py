@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers import AutoModel
 
-from models.base import DEFAULT_MAX_BATCH_ITEMS, DEFAULT_MAX_LENGTH, Qwen3Engine, Runtime, TokenIds, join_ids
+from models.base import DEFAULT_MAX_LENGTH, Qwen3Engine, Runtime, TokenIds, join_ids
 from models.errors import EngineInputError
 
 END_OF_TEXT = "<|endoftext|>"
@@ -51,7 +51,7 @@ class Qwen3Embedder(Qwen3Engine):
 
     def __init__(self, backbone, tokenizer, runtime: Runtime, *, source: str,
                  max_length: int = DEFAULT_MAX_LENGTH, token_budget: int | None = None,
-                 max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS):
+                 max_batch_items: int | None = None):
         super().__init__(backbone, tokenizer, runtime, source=source, max_length=max_length,
                          token_budget=token_budget, max_batch_items=max_batch_items)
         self.eos_id = tokenizer.convert_tokens_to_ids(END_OF_TEXT)

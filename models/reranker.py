@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM
 
-from models.base import DEFAULT_MAX_BATCH_ITEMS, DEFAULT_MAX_LENGTH, Qwen3Engine, Runtime, TokenIds, join_ids
+from models.base import DEFAULT_MAX_LENGTH, Qwen3Engine, Runtime, TokenIds, join_ids
 from models.errors import EngineInputError
 
 PREFIX = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
@@ -67,7 +67,7 @@ class Qwen3Reranker(Qwen3Engine):
 
     def __init__(self, causal_lm, tokenizer, runtime: Runtime, *, source: str,
                  max_length: int = DEFAULT_MAX_LENGTH, token_budget: int | None = None,
-                 max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS, reuse_query_prefix: bool = True,
+                 max_batch_items: int | None = None, reuse_query_prefix: bool = True,
                  default_instruction: str = DEFAULT_INSTRUCTION):
         yes_id = tokenizer.convert_tokens_to_ids("yes")
         no_id = tokenizer.convert_tokens_to_ids("no")

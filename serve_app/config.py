@@ -55,8 +55,9 @@ class BatchingConfig(Strict):
     # Padded token slots per forward micro-batch (B x T_max). None: the engine's measured default for its
     # device (1024 on CPU, 32768 on CUDA; BENCHMARKS.md).
     token_budget: int | None = Field(default=None, ge=64)
-    # Most sequences in one forward micro-batch.
-    max_items: int = Field(default=64, ge=1)
+    # Most sequences in one forward micro-batch. None: the engine's default for its device (64 on CPU, 96 on CUDA,
+    # where fewer, fuller passes are what counts; models/base.py says what was measured).
+    max_items: int | None = Field(default=None, ge=1)
     # Tokens gathered from concurrent requests into one engine call (the @serve.batch budget, counted with
     # batch_size_fn). A single request larger than this still runs, alone.
     max_batch_tokens: int = Field(default=65536, ge=256)

@@ -102,12 +102,12 @@ class ModelServer:
         """Batching settings from `user_config`: applied to the running replica, no restart."""
         batching = BatchingConfig.model_validate(user_config or {})
         self.engine.token_budget = batching.token_budget or self.engine.runtime.default_token_budget
-        self.engine.max_batch_items = batching.max_items
+        self.engine.max_batch_items = batching.max_items or self.engine.runtime.default_max_batch_items
         self._run_batch.set_max_batch_size(batching.max_batch_tokens)
         self._run_batch.set_batch_wait_timeout_s(batching.max_wait_ms / 1000)
         self._batching = batching
         logger.info("%s batching: token_budget=%d max_items=%d max_batch_tokens=%d max_wait_ms=%g",
-                    self.config.name, self.engine.token_budget, batching.max_items, batching.max_batch_tokens,
+                    self.config.name, self.engine.token_budget, self.engine.max_batch_items, batching.max_batch_tokens,
                     batching.max_wait_ms)
 
     # ---- requests -----------------------------------------------------------------------------------------

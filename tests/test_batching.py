@@ -1,5 +1,6 @@
 """The micro-batch planner and the runtime defaults."""
 
+import dataclasses
 import itertools
 import random
 
@@ -44,3 +45,11 @@ def test_cpu_runtime_defaults():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError):
             resolve_runtime("cuda")
+
+
+def test_micro_batch_defaults_follow_the_device():
+    cpu = resolve_runtime("cpu")
+    assert (cpu.default_token_budget, cpu.default_max_batch_items) == (1024, 64)
+    # A CUDA runtime as resolve_runtime would make it (constructed directly: this machine may have no GPU).
+    cuda = dataclasses.replace(cpu, device=torch.device("cuda"), dtype=torch.bfloat16)
+    assert (cuda.default_token_budget, cuda.default_max_batch_items) == (32768, 96)
