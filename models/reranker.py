@@ -131,10 +131,12 @@ class Qwen3Reranker(Qwen3Engine):
     def run(self, jobs: list[RerankJob]) -> list[RerankResult]:
         """Score many requests at once, their documents sharing micro-batches. With reuse_query_prefix, each
         request's query head runs once (heads share passes too) and its keys/values serve its documents;
-        without, every (head + document) prompt runs whole."""
+        without, every (head + document) prompt runs whole. A run in which no request has a second document has
+        no head to reuse, so its prompts run whole too: one pass where heads-then-documents would take two (a lone
+        one-document request is the serving path's most common and most latency-bound call)."""
         tails = [tail for job in jobs for tail in job.tail_ids]
         owners = [index for index, job in enumerate(jobs) for _ in job.tail_ids]
-        if self.reuse_query_prefix:
+        if self.reuse_query_prefix and len(tails) > len(jobs):
             states = self.last_token_states_after_heads([job.head_ids for job in jobs], tails, owners)
         else:
             states = self.last_token_states([join_ids(jobs[owner].head_ids, tail)

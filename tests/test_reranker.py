@@ -216,7 +216,20 @@ def test_work_counters_count_every_pass_head_passes_included(engine):
     before = roomy.work.snapshot()
     for job in jobs:
         roomy.run([job])
-    assert roomy.work.since(before).micro_batches == 2 * len(jobs)
+    # Alone, a one-document request has no head to reuse and runs whole in one pass; the others take two.
+    assert roomy.work.since(before).micro_batches == 1 + 2 + 2
+
+
+def test_a_run_of_one_document_requests_takes_one_pass_and_the_same_scores(engine):
+    jobs = [engine.tokenize(query, DOCUMENTS[i:i + 1]) for i, query in enumerate(QUERIES)]
+    roomy = engine_variant(engine, token_budget=1_000_000, max_batch_items=1000)
+    before = roomy.work.snapshot()
+    alone = roomy.run(jobs)
+    assert roomy.work.since(before).micro_batches == 1
+    # The same requests beside a multi-document one take the shared-head path: the scores must not move.
+    beside = roomy.run(jobs + [engine.tokenize(QUERIES[0], DOCUMENTS[:2])])
+    for one, other in zip(alone, beside):
+        assert max_abs_diff(one.scores, other.scores) <= 1e-6
 
 
 def test_document_order_does_not_change_scores(engine):
