@@ -34,8 +34,7 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.serve_bench import ONE_DOCUMENT, body, percentile, serve_config  # noqa: E402
-from models.checkpoints import build_checkpoint, checkpoint_name  # noqa: E402
+from bench.serve_bench import ONE_DOCUMENT, body, percentile, serve_config, serving_checkpoints  # noqa: E402
 
 ROUTES = {"rerank": "/v1/rerank", "embed": "/v1/embeddings"}
 VARIANTS = {  # gateway args per variant; "database" is filled in by the run
@@ -170,8 +169,7 @@ def main() -> None:
     args = parser.parse_args()
 
     layers = None if args.shape == "tiny" else args.layers
-    paths = {task: build_checkpoint(Path(args.checkpoints) / checkpoint_name(task, args.shape, layers), task,
-                                    args.shape, layers) for task in ("rerank", "embed")}
+    paths = serving_checkpoints(Path(args.checkpoints), args.shape, layers)
     print(f"shape {args.shape} layers {layers or 'all'}; variants {' '.join(args.variants)}; {args.rounds} rounds "
           f"x {args.latency_samples} sequential requests; saturation {args.concurrency} clients x "
           f"{args.saturation_requests} requests per round; model replicas {args.cpus} CPU", flush=True)

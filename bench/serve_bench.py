@@ -74,6 +74,12 @@ def in_process(rerank_path: Path, embed_path: Path, workload: dict, args) -> dic
 
 # ---- over HTTP ------------------------------------------------------------------------------------------
 
+def serving_checkpoints(folder: Path, shape: str, layers: int | None) -> dict[str, Path]:
+    """{task: checkpoint} of a reranker and an embedder of one shape, built offline on first use."""
+    return {task: build_checkpoint(folder / checkpoint_name(task, shape, layers), task, shape, layers)
+            for task in ("rerank", "embed")}
+
+
 ONE_DOCUMENT = ["The garbage collector frees objects once no reference to them is left."]
 
 
@@ -157,8 +163,7 @@ def main() -> None:
     args = parser.parse_args()
 
     layers = None if args.shape == "tiny" else args.layers
-    paths = {task: build_checkpoint(Path(args.checkpoints) / checkpoint_name(task, args.shape, layers), task,
-                                    args.shape, layers) for task in ("rerank", "embed")}
+    paths = serving_checkpoints(Path(args.checkpoints), args.shape, layers)
     texts = make_texts(args.requests * args.docs, 20, 80, seed=1)
     workload = {"one_doc": ONE_DOCUMENT,
                 "requests": [texts[i * args.docs:(i + 1) * args.docs] for i in range(args.requests)]}
