@@ -11,26 +11,22 @@ Routes (design.md section 5):
 Every served request is written to the usage ledger (serve_app/ledger.py) before its response is sent, and that
 response carries its ledger id in `X-Usage-Id` (Serve's own X-Request-ID is its trace id, kept in the row). Every
 error leaves as {"error": {"message", "type", "param", "code"}} with the status of its kind (serve_app/errors.py);
-client mistakes are 4xx, never 5xx. Bodies are parsed in serve_app/bodies.py.
+client mistakes are 4xx, never 5xx. Bodies are parsed in serve_app/bodies.py; what happens to a parsed body (model
+lookup, handle call, response shaping) is serve_app/handling.py.
 """
 
 import asyncio
-import base64
 import logging
-import math
 import time
 import uuid
 from datetime import date
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -41,8 +37,8 @@ from serve_app.bodies import (body_limit, ignored_fields_header, json_body, pars
 from serve_app.config import GATEWAY_DEPLOYMENT_NAME, GatewayConfig
 from serve_app.directory import ModelDirectory, ModelEntry
 from serve_app.errors import (IdempotencyConflict, InternalError, InvalidRequest, MethodNotAllowed, ModelNotFound,
-                              ModelUnavailable, NotFound, Overloaded, PayloadTooLarge, RateLimited, RequestTimeout,
-                              ServingError, StoreUnavailable)
+                              NotFound, PayloadTooLarge, RateLimited, ServingError, StoreUnavailable)
+from serve_app.handling import ENDPOINTS, Endpoint, ModelCalls, RequestContext, Served, Usage, rank
 from serve_app.ledger import (MAX_IDEMPOTENCY_KEY_CHARS, Ledger, UsageRecord, fingerprint, request_id, sum_totals,
                               usage_totals)
 from serve_app.metrics import GatewayMetrics
@@ -50,12 +46,6 @@ from serve_app.ratelimit import limiter_handle
 from serve_app.store import KeyStore, connect, database_url
 
 logger = logging.getLogger("ray.serve")
-
-# How often a request waiting on a model checks that the model is still deployed (see _await_while_served).
-REMOVAL_CHECK_S = 1.0
-
-# Cohere bills one search unit per query with up to 100 documents.
-DOCUMENTS_PER_SEARCH_UNIT = 100
 
 api = FastAPI(title="qwen3-serve", version="0.1.0",
               description="Qwen3-Reranker and Qwen3-Embedding behind OpenAI, Cohere, Jina and TEI routes.")
@@ -188,33 +178,34 @@ def ledger_request_id(request: Request) -> str:
     return request_id(key.id if key else None, idempotency_key, fresh=f"req_{uuid.uuid4().hex}")
 
 
-def search_units(documents: int) -> int:
-    return math.ceil(documents / DOCUMENTS_PER_SEARCH_UNIT)
-
-
-def model_call_error(exc: BaseException, retry_after_s: int) -> ServingError | BaseException:
-    """What a failed handle call means for the client."""
-    if isinstance(exc, RayTaskError) and isinstance(exc.cause, ServingError):
-        return exc.cause
-    retry = {"Retry-After": str(retry_after_s)}
-    if isinstance(exc, BackPressureError):
-        return Overloaded("the model's queue is full; retry shortly", headers=retry)
-    if isinstance(exc, (DeploymentUnavailableError, RayActorError)):
-        return ModelUnavailable(f"the model is unavailable ({type(exc).__name__}); retry shortly", headers=retry)
-    return exc
-
-
-def rank(scores: list[float], top_n: int | None) -> list[int]:
-    """Indices by score, best first; ties keep input order."""
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])
-    return order[:top_n] if top_n is not None else order
-
-
 def model_card(entry: ModelEntry) -> protocol.ModelCard:
     facts = entry.facts  # what the model replica's describe() returned
     return protocol.ModelCard(id=entry.name, created=int(entry.deployed_at),
                               root=facts["source"], task=entry.task, max_model_len=facts["max_length"],
                               dimensions=facts.get("dimensions"), aliases=list(facts.get("aliases", [])))
+
+
+async def serve_tei_rerank(body: protocol.TEIRerankRequest, context: RequestContext) -> Served:
+    """TEI's rerank: a bare array of {index, score, text?}; HTTP only (not a batch endpoint)."""
+    context.check_document_count(len(body.texts), "texts")
+    entry = await context.resolve(body.model, "rerank")
+    try:
+        out = await context.call(entry, "rerank", body.query, body.texts, None, None, body.truncate)
+    except InvalidRequest as exc:
+        if exc.param == "documents":
+            exc.param = "texts"
+        raise
+    values = out["logits"] if body.raw_scores else out["scores"]
+    ranks = []
+    for index in rank(out["scores"], None):
+        item: dict[str, Any] = {"index": index, "score": values[index]}
+        if body.return_text:
+            item["text"] = body.texts[index]
+        ranks.append(item)
+    return Served(ranks, Usage(entry.name, sum(out["token_counts"]), documents=len(body.texts)))
+
+
+TEI_RERANK = Endpoint(protocol.TEIRerankRequest, serve_tei_rerank)
 
 
 # ---- the gateway deployment ----------------------------------------------------------------------------------
@@ -242,39 +233,21 @@ class Gateway:
                                allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
                                expose_headers=["X-Usage-Id", "X-Ignored-Fields", "Retry-After"])
         self.models = ModelDirectory(self.config.model_refresh_s)
+        self.calls = ModelCalls(self.models, self.config)
         self.ledger = Ledger(self.store_engine)
 
-    async def _resolve(self, request: Request, name: str | None, task: str) -> ModelEntry:
-        """The model a request names; no name (TEI's body) means the one model of that task."""
-        entry = await (self.models.resolve(name, task) if name is not None else self.models.only_model(task))
-        request.state.model = entry.name  # metrics label: only served names, never what a client typed
-        return entry
+    async def _serve(self, request: Request, endpoint: Endpoint, body) -> Served:
+        """A parsed body through the shared handling (serve_app/handling.py), billed before it is answered."""
+        context = RequestContext(self.calls, request.state.request_id)
+        try:
+            served = await endpoint.serve(body, context)
+        finally:
+            if context.model is not None:
+                request.state.model = context.model  # metrics label, even when the model call failed
+        await self._bill(request, served.usage)
+        return served
 
-    async def _call(self, entry: ModelEntry, method: str, *args) -> dict[str, Any]:
-        """One model call, retried when the replica died before answering: the models are pure functions of
-        their input, so a retry is safe, and usage is recorded only once the answer is here. Bounded by
-        model_call_attempts and by the request's deadline (request_timeout_s: 504 past it)."""
-        deadline = time.monotonic() + self.config.request_timeout_s
-        for attempt in range(1, self.config.model_call_attempts + 1):
-            response = getattr(entry.handle, method).remote(*args)
-            try:
-                return await self._await_while_served(entry, response, deadline)
-            except (RequestCancelledError, ServingError):
-                raise
-            except RayActorError as exc:
-                if attempt < self.config.model_call_attempts and time.monotonic() < deadline:
-                    logger.warning("gateway: a %s replica died before answering (%s); retrying, attempt %d of %d",
-                                   entry.name, type(exc).__name__, attempt + 1, self.config.model_call_attempts)
-                    continue
-                error = model_call_error(exc, self.config.retry_after_s)
-            except Exception as exc:  # noqa: BLE001 - classified below
-                error = model_call_error(exc, self.config.retry_after_s)
-            if isinstance(error, ServingError):
-                raise error from None
-            raise error
-
-    async def _bill(self, request: Request, model: str, tokens: int, *, documents: int = 0, embeddings: int = 0,
-                    dimensions: int | None = None) -> None:
+    async def _bill(self, request: Request, usage: Usage) -> None:
         """Record a served request, durably and once, before its response is sent; then charge its tokens to the
         key's rate limit and count it in the metrics. If the row cannot be written the request fails (503):
         nothing is served unbilled."""
@@ -285,14 +258,14 @@ class Gateway:
         body_fingerprint = ""
         if request.headers.get("idempotency-key") is not None:
             body_fingerprint = await asyncio.to_thread(fingerprint, route, await request.body())
-        usage = UsageRecord(request_id=request.state.request_id, key_id=key.id if key else None, model=model,
-                            fingerprint=body_fingerprint, route=route,
-                            input_tokens=tokens, documents=documents, search_units=search_units(documents),
-                            embeddings=embeddings, dimensions=dimensions,
-                            trace_id=request.headers.get("x-request-id"),
-                            latency_ms=(time.perf_counter() - request.state.started) * 1000)
+        record = UsageRecord(request_id=request.state.request_id, key_id=key.id if key else None, model=usage.model,
+                             fingerprint=body_fingerprint, route=route,
+                             input_tokens=usage.input_tokens, documents=usage.documents,
+                             search_units=usage.search_units, embeddings=usage.embeddings,
+                             dimensions=usage.dimensions, trace_id=request.headers.get("x-request-id"),
+                             latency_ms=(time.perf_counter() - request.state.started) * 1000)
         try:
-            await self.ledger.record(usage)
+            await self.ledger.record(record)
         except IdempotencyConflict:
             raise
         except Exception as exc:  # noqa: BLE001 - the database is down or refused the row
@@ -300,36 +273,8 @@ class Gateway:
                                    headers={"Retry-After": str(self.config.retry_after_s)}) from exc
         request.state.billed = True
         if key is not None and key.tokens_per_minute:
-            request.app.state.limiter.charge_tokens.remote(key.id, key.tokens_per_minute, tokens)
-        request.app.state.metrics.served(model, route, tokens, documents or embeddings)
-
-    async def _await_while_served(self, entry: ModelEntry, response, deadline: float) -> dict[str, Any]:
-        """The model's answer, unless its application is removed first or the deadline passes (504; the model
-        call is cancelled, which frees its place in the batch queue). A handle to a deleted application waits for
-        replicas that never come, so a request that raced a `serve deploy` removing its model would hang; the
-        directory's refresh notices the removal and the request gets the same 404 as one sent after."""
-        async def answer():
-            return await response
-
-        pending = asyncio.ensure_future(answer())
-        while True:
-            done, _ = await asyncio.wait({pending}, timeout=max(0.0, min(REMOVAL_CHECK_S,
-                                                                         deadline - time.monotonic())))
-            if done:
-                return pending.result()
-            if time.monotonic() >= deadline:
-                failure: ServingError = RequestTimeout(
-                    f"model {entry.name!r} did not answer within {self.config.request_timeout_s} s "
-                    "(request_timeout_s); the request was cancelled and not billed",
-                    headers={"Retry-After": str(self.config.retry_after_s)})
-            elif self.models.was_removed(entry):
-                failure = ModelNotFound(f"model {entry.name!r} was removed while this request waited; served "
-                                        f"models: {self.models.names_text()}", param="model")
-            else:
-                continue
-            response.cancel()
-            pending.cancel()
-            raise failure
+            request.app.state.limiter.charge_tokens.remote(key.id, key.tokens_per_minute, usage.input_tokens)
+        request.app.state.metrics.served(usage.model, route, usage.input_tokens, usage.documents or usage.embeddings)
 
     # ---- embeddings ---------------------------------------------------------------------------------------
 
@@ -337,27 +282,9 @@ class Gateway:
               openapi_extra=json_body(protocol.EmbeddingRequest))
     @api.post("/embeddings", include_in_schema=False)
     async def embeddings(self, request: Request) -> JSONResponse:
-        body = await parse_body(request, protocol.EmbeddingRequest)
-        inputs = body.inputs()
-        if len(inputs) > self.config.max_embedding_inputs:
-            raise PayloadTooLarge(f"{len(inputs)} inputs; at most {self.config.max_embedding_inputs} per request",
-                                  param="input")
-        entry = await self._resolve(request, body.model, "embed")
-        out = await self._call(entry, "embed", inputs, body.instruction, body.dimensions, body.truncate)
-        vectors: np.ndarray = out["embeddings"]
-        if body.encoding_format == "base64":
-            # Little-endian float32 bytes: exactly what the openai SDK decodes.
-            encoded = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in vectors]
-        else:
-            encoded = vectors.tolist()
-        tokens = sum(out["token_counts"])
-        await self._bill(request, entry.name, tokens, embeddings=len(inputs), dimensions=int(vectors.shape[1]))
-        return JSONResponse({
-            "object": "list",
-            "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(encoded)],
-            "model": entry.name,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        })
+        endpoint = ENDPOINTS["/v1/embeddings"]
+        served = await self._serve(request, endpoint, await parse_body(request, endpoint.schema))
+        return JSONResponse(served.body)
 
     # ---- rerank -------------------------------------------------------------------------------------------
 
@@ -365,62 +292,21 @@ class Gateway:
               openapi_extra=json_body(protocol.RerankRequest))
     @api.post("/v2/rerank", include_in_schema=False)
     async def rerank(self, request: Request) -> JSONResponse:
-        return await self.rerank_cohere(request, await parse_body(request, protocol.RerankRequest))
-
-    async def rerank_cohere(self, request: Request, body: protocol.RerankRequest) -> JSONResponse:
-        documents = body.document_texts()
-        self._check_document_count(len(documents), "documents")
-        entry = await self._resolve(request, body.model, "rerank")
-        out = await self._call(entry, "rerank", body.query, documents, body.instruction, body.max_tokens_per_doc)
-        ranked = rank(out["scores"], body.top_n)
-        tokens = sum(out["token_counts"])
-        await self._bill(request, entry.name, tokens, documents=len(documents))
-        results = []
-        for index in ranked:
-            result: dict[str, Any] = {"index": index, "relevance_score": out["scores"][index]}
-            if body.return_documents:
-                result["document"] = {"text": documents[index]}
-            results.append(result)
-        return JSONResponse({
-            "id": request.state.request_id,
-            "model": entry.name,
-            "results": results,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            "meta": {"billed_units": {"search_units": search_units(len(documents))}},
-        })
+        endpoint = ENDPOINTS["/v1/rerank"]
+        served = await self._serve(request, endpoint, await parse_body(request, endpoint.schema))
+        return JSONResponse(served.body)
 
     @api.post("/rerank", responses={200: {"model": protocol.RerankResponse}},
               openapi_extra=json_body(protocol.RerankRequest, protocol.TEIRerankRequest))
     async def rerank_any(self, request: Request) -> JSONResponse:
         """Cohere/Jina/vLLM body, or TEI's (`texts` instead of `documents`): told apart by the body."""
         raw = await read_json(request)
-        is_tei = isinstance(raw, dict) and "texts" in raw and "documents" not in raw
-        body = validate(request, raw, protocol.TEIRerankRequest if is_tei else protocol.RerankRequest)
-        return await (self.rerank_tei(request, body) if is_tei else self.rerank_cohere(request, body))
-
-    async def rerank_tei(self, request: Request, body: protocol.TEIRerankRequest) -> JSONResponse:
-        self._check_document_count(len(body.texts), "texts")
-        entry = await self._resolve(request, body.model, "rerank")
-        try:
-            out = await self._call(entry, "rerank", body.query, body.texts, None, None, body.truncate)
-        except InvalidRequest as exc:
-            if exc.param == "documents":
-                exc.param = "texts"
-            raise
-        await self._bill(request, entry.name, sum(out["token_counts"]), documents=len(body.texts))
-        values = out["logits"] if body.raw_scores else out["scores"]
-        ranks = []
-        for index in rank(out["scores"], None):
-            item: dict[str, Any] = {"index": index, "score": values[index]}
-            if body.return_text:
-                item["text"] = body.texts[index]
-            ranks.append(item)
-        return JSONResponse(ranks)
-
-    def _check_document_count(self, count: int, param: str) -> None:
-        if count > self.config.max_rerank_documents:
-            raise PayloadTooLarge(f"{count} documents; at most {self.config.max_rerank_documents} per request",
-                                  param=param)
+        if isinstance(raw, dict) and "texts" in raw and "documents" not in raw:
+            served = await self._serve(request, TEI_RERANK, validate(request, raw, TEI_RERANK.schema))
+        else:
+            endpoint = ENDPOINTS["/v1/rerank"]
+            served = await self._serve(request, endpoint, validate(request, raw, endpoint.schema))
+        return JSONResponse(served.body)
 
     # ---- models and health --------------------------------------------------------------------------------
 
