@@ -71,6 +71,10 @@ class BatchingConfig(Strict):
     # accepted request never waits for a whole forward pass (CPU, where batching adds no throughput). None: only
     # Serve's max_ongoing_requests bounds it.
     max_waiting_requests: int | None = Field(default=None, ge=0)
+    # Background work (Batch API lines) starts a forward pass only when no online request is inside the replica and
+    # none has been for this long: the gap between one client's back-to-back requests is shorter, so a stream of
+    # online requests never waits behind a background pass (only the first after a quiet spell may, for one pass).
+    background_grace_ms: float = Field(default=100.0, ge=0, le=10_000)
 
 
 class AutoscalingConfig(Strict):

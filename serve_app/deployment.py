@@ -14,6 +14,12 @@ One replica holds one engine. A request's path through it:
 4. The engine runs on one engine thread (off the event loop, one run at a time), cutting the work into
    micro-batches by its own padded-token budget; results come back per job, in order.
 
+Background calls (`background=True`: the batch runner's lines, serve_app/batches/) wait in a queue of their own that
+the engine takes only when no online request is inside the replica and none has been for `background_grace_ms`, and
+they never count against max_waiting_requests: bulk work fills idle capacity, and an online request waits at most for
+the one background run in progress (only the first one after a quiet spell can meet one; the batch runner bounds how
+much one run holds by its lines in flight per model).
+
 Only text and numbers cross the handle hop: scores, token counts and float32 vectors.
 """
 
@@ -81,10 +87,12 @@ class ModelServer:
         self._tokenizing = 0  # calls on the tokenizer thread: while any runs, the event loop does not tokenize
         self._batching = BatchingConfig()
         self._busy = 0
-        self._held = 0  # requests inside this replica (tokenizing, queued or running)
+        self._held = 0  # online requests inside this replica (tokenizing, queued or running)
         self._running = 0  # of those, the ones in the forward pass now running
         # Jobs waiting for the engine thread, drained by _engine_loop.
         self._engine_queue: deque = deque()
+        self._background_queue: deque = deque()  # background jobs: run only while _engine_queue is empty
+        self._online_seen_at = 0.0  # monotonic time an online request last entered or left this replica
         self._engine_wakeup = asyncio.Event()
         self._engine_task: asyncio.Task | None = None
         # jobs (and their tokens): jobs the engine ran (a request cancelled while queued is not one). Requests
@@ -92,7 +100,7 @@ class ModelServer:
         # larger than a whole batch, the rest came in `batches`. engine_runs: forward runs, each over everything
         # queued at its start (largest_run_jobs the most jobs in one).
         self._stats = {"jobs": 0, "tokens": 0, "immediate_jobs": 0, "solo_jobs": 0, "batches": 0, "engine_runs": 0,
-                       "largest_run_jobs": 0, "engine_seconds": 0.0}
+                       "largest_run_jobs": 0, "engine_seconds": 0.0, "background_jobs": 0}
         self._probe_job = self._tokenize_probe()
         self.metrics = ModelMetrics(self.config.name)
 
@@ -117,22 +125,24 @@ class ModelServer:
                 "token_budget": self.engine.token_budget}
 
     async def rerank(self, query: str, documents: list[str], instruction: str | None = None,
-                     max_tokens_per_doc: int | None = None, truncate: bool = True) -> dict[str, Any]:
+                     max_tokens_per_doc: int | None = None, truncate: bool = True, *,
+                     background: bool = False) -> dict[str, Any]:
         self._require_task("rerank")
-        with self._admitted():
+        with self._admitted(background):
             size = len(query) + sum(map(len, documents))
             job = await self._tokenize(size, self.engine.tokenize, query, documents, instruction,
                                        max_tokens_per_doc, truncate)
-            result = await self._submit(job)
+            result = await self._submit(job, background)
         return {"scores": result.scores, "logits": result.logits, "token_counts": result.token_counts}
 
     async def embed(self, inputs: list[str] | list[list[int]], instruction: str | None = None,
-                    dimensions: int | None = None, truncate: bool = True) -> dict[str, Any]:
+                    dimensions: int | None = None, truncate: bool = True, *,
+                    background: bool = False) -> dict[str, Any]:
         self._require_task("embed")
-        with self._admitted():
+        with self._admitted(background):
             job = await self._tokenize(sum(map(len, inputs)), self.engine.tokenize, inputs, instruction, dimensions,
                                        truncate)
-            result = await self._submit(job)
+            result = await self._submit(job, background)
         return {"embeddings": result.embeddings, "token_counts": result.token_counts}
 
     async def stats(self) -> dict[str, Any]:
@@ -160,8 +170,13 @@ class ModelServer:
                                  param="model", code="wrong_model_task")
 
     @contextlib.contextmanager
-    def _admitted(self):
-        """Hold a request in this replica, or refuse it at once when max_waiting_requests would be exceeded."""
+    def _admitted(self, background: bool = False):
+        """Hold a request in this replica, or refuse it at once when max_waiting_requests would be exceeded.
+        Background requests are bounded by their sender (per model in flight) and are not counted here, so bulk
+        work never makes an online request refused."""
+        if background:
+            yield
+            return
         limit = self._batching.max_waiting_requests
         if limit is not None and self._busy and self._held - self._running >= limit:
             retry_after = self.config.deployment.backpressure_retry_after_s
@@ -169,10 +184,12 @@ class ModelServer:
             raise Overloaded(f"model {self.config.name!r} is busy ({self._held - self._running} requests waiting, "
                              f"max_waiting_requests {limit}); retry shortly", headers=headers)
         self._held += 1
+        self._online_seen_at = time.monotonic()
         try:
             yield
         finally:
             self._held -= 1
+            self._online_seen_at = time.monotonic()
 
     async def _tokenize(self, size: int, tokenize, *args):
         """`size` (characters, or token ids) decides where: see INLINE_TOKENIZE_MAX_CHARS."""
@@ -190,8 +207,11 @@ class ModelServer:
     def _engine_idle(self) -> bool:
         return not self._busy and not self._engine_queue
 
-    async def _submit(self, job):
-        if self._engine_idle():
+    async def _submit(self, job, background: bool = False):
+        if background:
+            self._stats["background_jobs"] += 1
+            result = (await self._forward([job], background=True))[0]
+        elif self._engine_idle():
             self._stats["immediate_jobs"] += 1
             result = (await self._forward([job]))[0]
         elif job_tokens([job]) > self._batching.max_batch_tokens:
@@ -212,13 +232,14 @@ class ModelServer:
         self._stats["batches"] += 1
         return await self._forward(jobs)
 
-    async def _forward(self, jobs: list) -> list:
+    async def _forward(self, jobs: list, background: bool = False) -> list:
         """Queue jobs for the engine and wait for their results (one result or exception per job, so one bad job
         fails only its own request; an exception out of a @serve.batch function would fail the whole batch)."""
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in jobs]
         enqueued_at = time.monotonic()
-        self._engine_queue.extend((job, future, enqueued_at) for job, future in zip(jobs, futures))
+        queue = self._background_queue if background else self._engine_queue
+        queue.extend((job, future, enqueued_at) for job, future in zip(jobs, futures))
         self._engine_wakeup.set()
         if self._engine_task is None or self._engine_task.done():
             self._engine_task = loop.create_task(self._engine_loop())
@@ -229,19 +250,28 @@ class ModelServer:
 
         Serve forms its batches as requests arrive, not when the engine frees up (ray/serve/batching.py), so
         under load it hands over many small batches; merging them here keeps forward passes full (measured:
-        embedding saturation 11.0 -> 14.6 docs/s with max_wait_ms 0; BENCHMARKS.md)."""
+        embedding saturation 11.0 -> 14.6 docs/s with max_wait_ms 0; BENCHMARKS.md). Online jobs first: the
+        background queue is taken only when no online job waits, and never in the same run as online jobs."""
         loop = asyncio.get_running_loop()
         while True:
             await self._engine_wakeup.wait()
             self._engine_wakeup.clear()
-            while self._engine_queue:
+            while self._engine_queue or self._background_queue:
+                if not self._engine_queue:
+                    pause = self._background_pause()
+                    if pause > 0:  # online work is about: look again when it may be over (or new work comes)
+                        self._engine_wakeup.clear()
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(self._engine_wakeup.wait(), pause)
+                        continue
+                queue = self._engine_queue or self._background_queue
                 taken, waits, tokens = [], [], 0
-                while self._engine_queue:
-                    job, future, enqueued_at = self._engine_queue[0]
+                while queue:
+                    job, future, enqueued_at = queue[0]
                     size = job_tokens([job])
                     if taken and tokens + size > self._batching.max_batch_tokens:
                         break
-                    self._engine_queue.popleft()
+                    queue.popleft()
                     if not future.done():  # a cancelled request (client gone) costs no forward pass
                         taken.append((job, future))
                         waits.append(time.monotonic() - enqueued_at)
@@ -265,6 +295,14 @@ class ModelServer:
                 for (_, future), result in zip(taken, results):
                     if not future.done():
                         future.set_result(result)
+
+    def _background_pause(self) -> float:
+        """Seconds background work must still wait: while online requests are inside this replica, and for
+        background_grace_ms after the last one left."""
+        grace = self._batching.background_grace_ms / 1000
+        if self._held:
+            return max(grace, 0.001)
+        return self._online_seen_at + grace - time.monotonic()
 
     def _run_measured(self, jobs: list, waits: list[float]) -> list:
         """_run_isolated plus its metrics, on the engine thread (so nothing else runs between the readings)."""

@@ -128,3 +128,34 @@ def test_requests_that_arrive_while_the_engine_is_busy_gather_for_its_next_pass(
     assert stats["engine_runs"] == 2 and stats["largest_run_jobs"] == 3, stats  # the heavy one, then all three
     for documents, answer in zip(waiting, answers):
         assert answer["scores"] == pytest.approx(server.engine.rerank("q", documents).scores, abs=1e-6)
+
+
+def test_background_jobs_yield_to_online_ones_and_never_count_against_admission(tiny_reranker_path):
+    server = ModelServer.func_or_class({"name": "r", "task": "rerank", "source": str(tiny_reranker_path),
+                                        "device": "cpu"})
+    # Online jobs here are over max_batch_tokens, so they skip @serve.batch (which needs a running Serve replica).
+    server.reconfigure({"max_waiting_requests": 1, "max_batch_tokens": 256})
+    heavy = ["a long document about pandas and bamboo " * 40] * 300
+    finished: list[str] = []
+
+    async def tracked(name, request):
+        result = await request
+        finished.append(name)
+        return result
+
+    async def scenario():
+        running = asyncio.create_task(tracked("heavy", server.rerank("q", heavy)))
+        while not server._busy:
+            await asyncio.sleep(0.005)
+        background = [asyncio.create_task(tracked(f"batch-{i}", server.rerank("q", [f"doc {i}"], background=True)))
+                      for i in range(3)]
+        await asyncio.sleep(0.05)
+        # Three background jobs wait, yet an online request is admitted (max_waiting_requests counts online only)
+        # and runs before them.
+        online = await tracked("online", server.rerank("q", ["bamboo " * 300]))
+        await asyncio.gather(running, *background)
+        return online
+
+    assert len(asyncio.run(scenario())["scores"]) == 1
+    assert finished[:2] == ["heavy", "online"] and sorted(finished[2:]) == ["batch-0", "batch-1", "batch-2"]
+    assert server._stats["background_jobs"] == 3
