@@ -164,6 +164,8 @@ class Price(Strict):
 
     per_1k_documents: float | None = Field(default=None, ge=0)  # rerankers: per 1,000 documents
     per_1m_tokens: float | None = Field(default=None, ge=0)  # embedders: per 1M input tokens
+    # Batch API usage costs this fraction of the price (OpenAI charges batches half).
+    batch_factor: float = Field(default=1.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _some_price(self) -> "Price":
@@ -171,9 +173,10 @@ class Price(Strict):
             raise ValueError("a price needs per_1k_documents (rerankers) or per_1m_tokens (embedders)")
         return self
 
-    def amount(self, documents: int, input_tokens: int) -> float:
-        return (documents / 1000 * (self.per_1k_documents or 0.0)
-                + input_tokens / 1_000_000 * (self.per_1m_tokens or 0.0))
+    def amount(self, documents: int, input_tokens: int, batch: bool = False) -> float:
+        amount = (documents / 1000 * (self.per_1k_documents or 0.0)
+                  + input_tokens / 1_000_000 * (self.per_1m_tokens or 0.0))
+        return amount * self.batch_factor if batch else amount
 
 
 class ModelConfig(Strict):

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
@@ -65,6 +65,7 @@ class UsageRecord:
     trace_id: str | None = None
     latency_ms: float = 0.0
     created_at: datetime = field(default_factory=now)
+    batch_id: str | None = None  # a Batch API line's batch: batch usage
 
 
 def _insert_ignoring_duplicates(engine: Engine):
@@ -72,6 +73,14 @@ def _insert_ignoring_duplicates(engine: Engine):
     if engine.dialect.name not in dialects:
         raise ValueError(f"the usage ledger supports SQLite and PostgreSQL, not {engine.dialect.name}")
     return dialects[engine.dialect.name](usage_records).on_conflict_do_nothing(index_elements=["request_id"])
+
+
+def insert_usage(connection, records: list[UsageRecord]) -> None:
+    """Bill records inside the caller's transaction: the batch runner commits a checkpoint of a batch and the usage
+    of its lines together, so a line is billed exactly when its answer is durably in the output. Ids already in
+    the ledger are left as they are."""
+    if records:
+        connection.execute(_insert_ignoring_duplicates(connection.engine), [asdict(record) for record in records])
 
 
 class Ledger:
@@ -166,17 +175,19 @@ def day_start(day: date) -> datetime:
 
 def usage_totals(engine: Engine, *, key_id: str | None = None, since: date | None = None,
                  until: date | None = None) -> list[dict[str, Any]]:
-    """Rows of {key_id, model, day, requests, input_tokens, documents, search_units, embeddings}, ordered by day,
-    key and model. `key_id` limits to one key; since/until are inclusive UTC days."""
+    """Rows of {key_id, model, day, batch, requests, input_tokens, documents, search_units, embeddings}, ordered by
+    day, key and model; `batch` tells Batch API usage from online usage. `key_id` limits to one key; since/until are
+    inclusive UTC days."""
     day = _utc_day(engine).label("day")
     columns = usage_records.c
-    query = (select(columns.key_id, columns.model, day, func.count().label("requests"),
+    batch = case((columns.batch_id.is_(None), 0), else_=1).label("batch")
+    query = (select(columns.key_id, columns.model, day, batch, func.count().label("requests"),
                     func.sum(columns.input_tokens).label("input_tokens"),
                     func.sum(columns.documents).label("documents"),
                     func.sum(columns.search_units).label("search_units"),
                     func.sum(columns.embeddings).label("embeddings"))
-             .group_by(columns.key_id, columns.model, day)
-             .order_by(day, columns.key_id, columns.model))
+             .group_by(columns.key_id, columns.model, day, batch)
+             .order_by(day, columns.key_id, columns.model, batch))
     if key_id is not None:
         query = query.where(columns.key_id == key_id)
     if since is not None:
@@ -184,7 +195,8 @@ def usage_totals(engine: Engine, *, key_id: str | None = None, since: date | Non
     if until is not None:
         query = query.where(columns.created_at < day_start(until + timedelta(days=1)))
     with engine.connect() as connection:
-        return [{name: (int(value) if name not in ("key_id", "model", "day") else value)
+        return [{name: (bool(value) if name == "batch" else
+                        int(value) if name not in ("key_id", "model", "day") else value)
                  for name, value in row._mapping.items()} for row in connection.execute(query)]
 
 

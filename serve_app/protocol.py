@@ -183,6 +183,7 @@ class UsageRow(UsageTotals):
     key_id: str | None  # None for requests served while auth was off
     model: str
     day: str  # UTC, YYYY-MM-DD
+    batch: bool = False  # Batch API lines (their model's price may carry a batch factor)
 
 
 class UsageReport(WireModel):

@@ -18,8 +18,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import logging
+
 from sqlalchemy import (Boolean, Column, DateTime, Float, Index, Integer, MetaData, String, Table, create_engine,
-                        event, insert, select, update)
+                        event, insert, inspect, select, text, update)
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.engine import Engine
 
 KEY_PREFIX = "q3s"
@@ -58,6 +61,8 @@ usage_records = Table(
     Column("dimensions", Integer, nullable=True),  # of those vectors
     Column("latency_ms", Float, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # Set for the lines of a Batch API job (serve_app/batches/): batch usage, which a model's price may discount.
+    Column("batch_id", String(40), nullable=True),
     Index("ix_usage_records_key_time", "key_id", "created_at"),
     Index("ix_usage_records_time", "created_at"),
 )
@@ -113,7 +118,31 @@ def connect(url: str) -> Engine:
     else:
         engine = create_engine(url, pool_pre_ping=True)
     metadata.create_all(engine)
+    add_missing_columns(engine)
     return engine
+
+
+def add_missing_columns(engine: Engine) -> None:
+    """create_all creates missing tables but never missing columns: add the nullable columns this version defines to
+    tables an older version created (e.g. usage_records.batch_id), so an existing database keeps working. Both
+    SQLite and PostgreSQL add a nullable column in place. Several replicas may race here: a column another one added
+    first is fine."""
+    inspector = inspect(engine)
+    for table in metadata.sorted_tables:
+        if not inspector.has_table(table.name):
+            continue
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present or not column.nullable:
+                continue
+            kind = column.type.compile(engine.dialect)
+            try:
+                with engine.begin() as connection:
+                    connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}'))
+                logging.getLogger("ray.serve").info("store: added column %s.%s", table.name, column.name)
+            except DBAPIError:
+                if column.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
+                    raise
 
 
 class InvalidKeySettings(ValueError):

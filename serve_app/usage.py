@@ -2,7 +2,8 @@
 
 Totals of served requests per key, model and UTC day: requests, input tokens, rerank documents, Cohere search
 units, embeddings. With --config, models that have a `price` there also get the amount owed (per 1,000 documents
-for rerankers, per 1M input tokens for embedders). The database is chosen as for `serve_app.keys`.
+for rerankers, per 1M input tokens for embedders; Batch API usage times the price's `batch_factor`). `--by batch`
+splits online from batch usage. The database is chosen as for `serve_app.keys`.
 
     python -m serve_app.usage --config configs/prod.yaml --since 2026-11-01 --until 2026-11-30
     python -m serve_app.usage --by key --format csv > november.csv
@@ -22,7 +23,7 @@ from typing import Any
 from serve_app.ledger import usage_totals
 from serve_app.store import KeyStore, open_database
 
-GROUPS = ("key", "model", "day")
+GROUPS = ("key", "model", "day", "batch")
 COUNTS = ("requests", "input_tokens", "documents", "search_units", "embeddings")
 
 
@@ -32,7 +33,7 @@ def report_rows(totals: list[dict[str, Any]], by: tuple[str, ...], key_names: di
     Amounts are priced per model before regrouping, so a per-key report still prices each model right."""
     grouped: dict[tuple, dict[str, Any]] = {}
     for row in totals:
-        fields = {"key": row["key_id"] or "-", "model": row["model"], "day": row["day"]}
+        fields = {"key": row["key_id"] or "-", "model": row["model"], "day": row["day"], "batch": row["batch"]}
         group = tuple(fields[name] for name in by)
         if group not in grouped:
             labels: dict[str, Any] = {}
@@ -48,7 +49,7 @@ def report_rows(totals: list[dict[str, Any]], by: tuple[str, ...], key_names: di
             price = prices.get(row["model"])
             out.setdefault("amount", 0.0)
             if price is not None:
-                out["amount"] += price.amount(row["documents"], row["input_tokens"])
+                out["amount"] += price.amount(row["documents"], row["input_tokens"], batch=row["batch"])
     return list(grouped.values())
 
 
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--until", type=date.fromisoformat, help="last UTC day, inclusive (default: all)")
     parser.add_argument("--key", help="only this key id")
     parser.add_argument("--by", default="key,model,day",
-                        help="comma-separated grouping, any of key, model, day (default: key,model,day)")
+                        help="comma-separated grouping, any of key, model, day, batch (default: key,model,day)")
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
     args = parser.parse_args(argv)
     by = tuple(part.strip() for part in args.by.split(",") if part.strip())
