@@ -1,7 +1,7 @@
 """Application builders: the `import_path` targets of configs/*.yaml.
 
     serve_app.app:model_app    one model (args: ModelConfig) -> a ModelServer deployment
-    serve_app.app:gateway_app  the HTTP ingress (args: GatewayConfig) -> the Gateway deployment
+    serve_app.app:gateway_app  the HTTP ingress (args: GatewayConfig) -> the Gateway and BatchRunner deployments
 
 Each validates its args (unknown keys rejected, errors naming the key) before Serve deploys anything. Imports are
 local so that building the gateway never loads torch.
@@ -25,7 +25,11 @@ def model_app(args: dict[str, Any]) -> Application:
 
 
 def gateway_app(args: dict[str, Any] | None = None) -> Application:
+    """The Gateway deployment, and beside it in the same application the BatchRunner (serve_app/batches/runner.py):
+    Serve restarts a runner that dies and removes it with the gateway; the gateway holds a handle to wake it."""
     config = validate_args(GatewayConfig, args, "gateway")
+    from serve_app.batches.runner import BatchRunner
     from serve_app.ingress import Gateway
 
-    return Gateway.options(**config.deployment.serve_options()).bind(config.model_dump())
+    runner = BatchRunner.options(**config.batches.runner.serve_options()).bind(config.model_dump())
+    return Gateway.options(**config.deployment.serve_options()).bind(config.model_dump(), runner)

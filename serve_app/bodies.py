@@ -43,7 +43,9 @@ def validation_error(exc: ValidationError | RequestValidationError) -> InvalidRe
 
 
 def body_limit(request: Request) -> int:
-    return getattr(request.app.state, "max_body_bytes", GatewayConfig().max_body_bytes)
+    """max_body_bytes, unless the route has its own limit (the batch file upload: serve_app/batches/routes.py)."""
+    own = getattr(request.app.state, "body_limits", {}).get(request.url.path)
+    return own or getattr(request.app.state, "max_body_bytes", GatewayConfig().max_body_bytes)
 
 
 def json_body(*schemas: type[BaseModel]) -> dict[str, Any]:

@@ -178,10 +178,12 @@ class DeploymentDemand:
 
 
 def deployment_demands(config: ServeConfigFile) -> list[DeploymentDemand]:
-    """The gateway, then every model deployment in the config file's order."""
+    """The gateway and its batch runner, then every model deployment in the config file's order."""
     gateway_name = next(raw.get("name", "gateway") for raw in config.applications
                         if raw.get("import_path") == GATEWAY_IMPORT_PATH)
-    return [DeploymentDemand.from_options(gateway_name, config.gateway_config().deployment),
+    gateway = config.gateway_config()
+    return [DeploymentDemand.from_options(gateway_name, gateway.deployment),
+            DeploymentDemand.from_options(f"{gateway_name}-batch-runner", gateway.batches.runner),
             *(DeploymentDemand.from_options(model.name, model.deployment) for model in config.model_configs())]
 
 

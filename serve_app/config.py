@@ -229,6 +229,61 @@ class AuthConfig(Strict):
     key_refresh_s: float = Field(default=2.0, gt=0, le=60)
 
 
+class LocalFileStorage(Strict):
+    """Batch files in a directory of this machine (one-machine deployments). Relative paths are under the project
+    root, like the SQLite default."""
+
+    kind: Literal["local"] = "local"
+    path: str = "var/batch-files"
+
+
+class S3FileStorage(Strict):
+    """Batch files in S3-compatible object storage (a cluster: every gateway replica and the runner see them), through
+    s3fs. Credentials come from the usual AWS sources (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile, an
+    instance role), never from this file."""
+
+    kind: Literal["s3"]
+    url: str = Field(pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")  # s3://bucket/optional/prefix
+    endpoint_url: str | None = None  # for S3-compatible servers (MinIO, Ceph, ...); None: AWS
+    region: str | None = None
+
+
+class BatchesConfig(Strict):
+    """The OpenAI Batch API (serve_app/batches/): limits, where files live, and how the runner works."""
+
+    storage: LocalFileStorage | S3FileStorage = Field(default_factory=LocalFileStorage, discriminator="kind")
+    # OpenAI's limits: an upload past max_file_bytes or max_file_lines is refused with 413; an embeddings batch
+    # whose file holds more than max_embedding_inputs inputs in all is refused at create with 400.
+    max_file_bytes: int = Field(default=200 * 2**20, ge=1024)
+    max_file_lines: int = Field(default=50_000, ge=1)
+    max_embedding_inputs: int = Field(default=50_000, ge=1)
+    # Batch lines waiting on one model at once, from one runner replica: the model's background queue holds at most
+    # this many, so bulk work cannot crowd out online requests, yet keeps an idle model busy.
+    max_in_flight_per_model: int = Field(default=8, ge=1, le=1024)
+    # Batches one runner replica works on at once (more wait in validating/in_progress until one ends).
+    max_running_batches: int = Field(default=4, ge=1)
+    # Progress is made durable (output part written, lines billed, position saved) every checkpoint_lines lines or
+    # checkpoint_s seconds, whichever comes first: what a killed runner redoes at most.
+    checkpoint_lines: int = Field(default=512, ge=1)
+    checkpoint_s: float = Field(default=10.0, gt=0)
+    # A runner replica holds a batch for lease_s past its last heartbeat (every poll_s); a replica that died gives
+    # its batches up after that, to the next runner replica that polls.
+    lease_s: float = Field(default=30.0, gt=0)
+    poll_s: float = Field(default=1.0, gt=0)
+    # How long a line whose model answered 503/504 (overloaded, restarting) is retried before it goes to the
+    # error file with that status.
+    line_retry_s: float = Field(default=3600.0, ge=0)
+    runner: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(
+        num_cpus=0.25, num_replicas=1, max_ongoing_requests=64, health_check_period_s=5))
+
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeats(self) -> "BatchesConfig":
+        if self.lease_s < 2 * self.poll_s:
+            raise ValueError(f"lease_s ({self.lease_s}) must be at least twice poll_s ({self.poll_s}): the lease is "
+                             "renewed every poll_s")
+        return self
+
+
 class GatewayConfig(Strict):
     """The ingress: the args of the `serve_app.app:gateway_app` application."""
 
@@ -236,6 +291,7 @@ class GatewayConfig(Strict):
     # it (keeps passwords out of config files). A relative SQLite path is under the project root.
     database_url: str = "sqlite:///var/qwen3-serve.db"
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    batches: BatchesConfig = Field(default_factory=BatchesConfig)
 
     deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(
         num_cpus=0.5, max_ongoing_requests=256, max_queued_requests=1024))

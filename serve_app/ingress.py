@@ -6,13 +6,14 @@ Routes (design.md section 5):
     GET  /v1/models, /v1/models/{id}            OpenAI model objects
     GET  /v1/usage                              the caller's usage totals (every key's for an admin key)
     GET, POST /v1/admin/keys, DELETE /v1/admin/keys/{id}   key management, admin keys only (serve_app/admin.py)
+    /v1/files, /v1/batches                      the OpenAI Batch API (serve_app/batches/)
     GET  /health                                liveness, no auth
 
 Every served request is written to the usage ledger (serve_app/ledger.py) before its response is sent, and that
 response carries its ledger id in `X-Usage-Id` (Serve's own X-Request-ID is its trace id, kept in the row). Every
 error leaves as {"error": {"message", "type", "param", "code"}} with the status of its kind (serve_app/errors.py);
 client mistakes are 4xx, never 5xx. Bodies are parsed in serve_app/bodies.py; what happens to a parsed body (model
-lookup, handle call, response shaping) is serve_app/handling.py.
+lookup, handle call, response shaping) is serve_app/handling.py, shared with the batch runner.
 """
 
 import asyncio
@@ -31,6 +32,8 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import admin, protocol
+from serve_app.batches import routes as batch_routes
+from serve_app.batches.service import BatchService
 from serve_app.auth import OPEN_PATHS, KeyGuard
 from serve_app.bodies import (body_limit, ignored_fields_header, json_body, parse_body, read_json, validate,
                               validation_error)
@@ -50,6 +53,7 @@ logger = logging.getLogger("ray.serve")
 api = FastAPI(title="qwen3-serve", version="0.1.0",
               description="Qwen3-Reranker and Qwen3-Embedding behind OpenAI, Cohere, Jina and TEI routes.")
 api.include_router(admin.router)
+api.include_router(batch_routes.router)
 
 
 # ---- errors: one place turns every failure into the OpenAI error body ----------------------------------------
@@ -213,7 +217,7 @@ TEI_RERANK = Endpoint(protocol.TEIRerankRequest, serve_tei_rerank)
 @serve.deployment(name=GATEWAY_DEPLOYMENT_NAME)
 @serve.ingress(api)
 class Gateway:
-    def __init__(self, config: dict[str, Any] | None = None):
+    def __init__(self, config: dict[str, Any] | None = None, batch_runner=None):
         self.config = GatewayConfig.model_validate(config or {})
         api.state.max_body_bytes = self.config.max_body_bytes
         api.state.metrics = GatewayMetrics()
@@ -235,6 +239,9 @@ class Gateway:
         self.models = ModelDirectory(self.config.model_refresh_s)
         self.calls = ModelCalls(self.models, self.config)
         self.ledger = Ledger(self.store_engine)
+        # Files and batches (serve_app/batches/): their routes read this service from the app state.
+        api.state.batches = BatchService(self.config, self.store_engine, batch_runner)
+        api.state.body_limits = {batch_routes.UPLOAD_PATH: api.state.batches.upload_body_limit()}
 
     async def _serve(self, request: Request, endpoint: Endpoint, body) -> Served:
         """A parsed body through the shared handling (serve_app/handling.py), billed before it is answered."""

@@ -13,6 +13,11 @@ from models.checkpoints import build_checkpoint, checkpoint_name
 REPO = Path(__file__).resolve().parent.parent
 CHECKPOINTS = Path(os.environ.get("QWEN3_CHECKPOINTS", REPO / "checkpoints"))
 
+# The S3 storage test talks to a moto server on 127.0.0.1, which takes any credentials, but botocore must find some.
+# Set here, before any test starts Ray, so the gateway and runner processes inherit them; test values only, so no
+# real credentials a developer has in the environment are ever sent anywhere by the tests.
+os.environ.update(AWS_ACCESS_KEY_ID="qwen3-serve-tests", AWS_SECRET_ACCESS_KEY="qwen3-serve-tests")
+
 
 def pytest_collection_modifyitems(items):
     """Multi-node tests start their own Ray cluster and Ray allows one per process: they run first, before anything
@@ -56,11 +61,12 @@ def admin_headers(key_store) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def serve_config(tiny_reranker_path, tiny_embedder_path, key_database):
+def serve_config(tiny_reranker_path, tiny_embedder_path, key_database, tmp_path_factory):
     """configs/tiny.yaml as the HTTP tests deploy it (tests.serving.tiny_test_config)."""
     from tests.serving import free_port, tiny_test_config
 
-    return tiny_test_config(free_port(), tiny_reranker_path, tiny_embedder_path, key_database)
+    return tiny_test_config(free_port(), tiny_reranker_path, tiny_embedder_path, key_database,
+                            tmp_path_factory.mktemp("batch-files"))
 
 
 @pytest.fixture(scope="session")

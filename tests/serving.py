@@ -25,6 +25,9 @@ EMBEDDER = "qwen3-embedding-tiny"
 # A reranker that takes one request at a time and queues one more: overload tests fill it on purpose.
 NARROW_RERANKER = "qwen3-reranker-narrow"
 TEST_MAX_BODY_BYTES = 1 << 20
+TEST_MAX_BATCH_FILE_BYTES = 2 << 20
+TEST_MAX_BATCH_LINES = 2000
+TEST_MAX_BATCH_EMBEDDING_INPUTS = 2500
 
 
 def free_port() -> int:
@@ -37,14 +40,27 @@ def application(config: dict, name: str) -> dict:
     return next(app for app in config["applications"] if app["name"] == name)
 
 
-def tiny_test_config(port: int, reranker_path: Path, embedder_path: Path, database_url: str) -> dict[str, Any]:
+def batch_test_settings(files_dir: Path) -> dict[str, Any]:
+    """The gateway's `batches` in the tests: files in the session's temporary directory, small limits, frequent
+    checkpoints, and a runner that polls often and whose leases run out in seconds (the kill test waits for one)."""
+    return {"storage": {"kind": "local", "path": str(files_dir)},
+            "max_file_bytes": TEST_MAX_BATCH_FILE_BYTES, "max_file_lines": TEST_MAX_BATCH_LINES,
+            "max_embedding_inputs": TEST_MAX_BATCH_EMBEDDING_INPUTS, "max_in_flight_per_model": 2,
+            "checkpoint_lines": 8, "checkpoint_s": 1.0, "lease_s": 3.0, "poll_s": 0.5, "line_retry_s": 30,
+            "runner": {"num_cpus": 0.1, "num_replicas": 1, "health_check_period_s": 1, "health_check_timeout_s": 10}}
+
+
+def tiny_test_config(port: int, reranker_path: Path, embedder_path: Path, database_url: str,
+                     batch_files_dir: Path | None = None) -> dict[str, Any]:
     """configs/tiny.yaml with the test's port and checkpoints, auth on (keys in `database_url`), a smaller body
-    limit, a logical-GPU embedder and a narrow reranker."""
+    limit, a logical-GPU embedder and a narrow reranker; batch files in `batch_files_dir`."""
     config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     gateway = application(config, "gateway")["args"]
     gateway.update(max_body_bytes=TEST_MAX_BODY_BYTES, database_url=database_url,
                    auth={"enabled": True, "key_refresh_s": 0.5})
+    if batch_files_dir is not None:
+        gateway["batches"] = batch_test_settings(batch_files_dir)
     # Two gateway replicas: keys, revocation and rate limits must hold across replicas.
     gateway["deployment"]["num_replicas"] = 2
     application(config, RERANKER)["args"]["source"] = str(reranker_path)

@@ -96,8 +96,8 @@ def test_prod_fits_at_min_and_at_max(path, prod_demands):
             assert 0 <= node.free_cpu_units and node.used_cpu_units <= node.node_type.cpus * UNIT
             for gpu in node.gpus:
                 assert gpu.free_units >= 0 and sum(units for _, units in gpu.shares) == gpu.used_units <= UNIT
-        # The gateway (CPU only) stays on the head.
-        assert Counter(plan.nodes[0].replicas) == {"gateway": plan.placed()["gateway"]}
+        # The gateway and its batch runner (CPU only) stay on the head.
+        assert Counter(plan.nodes[0].replicas) == {"gateway": plan.placed()["gateway"], "gateway-batch-runner": 1}
     # At min one GPU holds one replica of each of the six models: 0.25 + 0.25 + 0.15 + 0.15 + 0.05 + 0.05.
     assert low.gpus_in_use() == 1
     shared_gpu = next(gpu for node in low.nodes for gpu in node.gpus if gpu.shares)
@@ -130,7 +130,7 @@ def test_cluster_too_small_for_max_names_the_deployments(prod_demands):
     left_over = {unplaced.deployment for unplaced in high.unplaced}
     assert "qwen3-reranker-8b" in left_over and "gateway" not in left_over
     assert "ray_worker_a100x1 at its max_workers 1" in high.render()
-    assert sum(unplaced.replicas for unplaced in high.unplaced) + sum(high.placed().values()) == 64
+    assert sum(unplaced.replicas for unplaced in high.unplaced) + sum(high.placed().values()) == 65
 
 
 # ---- packing rules, on hand-made clusters ---------------------------------------------------------------------------

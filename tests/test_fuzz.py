@@ -24,6 +24,9 @@ FUZZ_SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_he
 # bodies are small flat objects, so fewer examples cover them.
 ADMIN_PATHS = r"^/v1/admin/"
 ADMIN_EXAMPLES_PER_OPERATION = 100
+# The Batch API's routes take ids, small bodies and an upload; fewer examples each keep the suite's time in bounds.
+BATCH_PATHS = r"^/v1/(files|batches)"
+BATCH_EXAMPLES_PER_OPERATION = 40
 
 
 def check(case, served, headers: dict[str, str]) -> None:
@@ -35,9 +38,15 @@ def check(case, served, headers: dict[str, str]) -> None:
         assert set(error) == {"message", "type", "param", "code"} and error["message"], response.text
 
 
-@schema.exclude(path_regex=ADMIN_PATHS).parametrize()
+@schema.exclude(path_regex=f"{ADMIN_PATHS}|{BATCH_PATHS}").parametrize()
 @settings(max_examples=EXAMPLES_PER_OPERATION, **FUZZ_SETTINGS)
 def test_no_request_gets_a_5xx_and_every_error_is_openai_shaped(case, served):
+    check(case, served, served.headers)
+
+
+@schema.include(path_regex=BATCH_PATHS).parametrize()
+@settings(max_examples=BATCH_EXAMPLES_PER_OPERATION, **FUZZ_SETTINGS)
+def test_no_batch_api_request_gets_a_5xx_and_every_error_is_openai_shaped(case, served):
     check(case, served, served.headers)
 
 
@@ -53,4 +62,5 @@ def test_fuzzing_sent_enough_requests_to_every_operation():
     print(f"fuzzing: {len(sent)} requests over {len(operations)} operations, statuses {statuses}")
     assert len(sent) >= MIN_REQUESTS, f"only {len(sent)} fuzzed requests"
     assert {"POST /v1/embeddings", "POST /v1/rerank", "POST /rerank", "GET /v1/usage", "POST /v1/admin/keys",
-            "DELETE /v1/admin/keys/{key_id}"} <= operations, operations
+            "DELETE /v1/admin/keys/{key_id}", "POST /v1/files", "POST /v1/batches",
+            "POST /v1/batches/{batch_id}/cancel"} <= operations, operations
