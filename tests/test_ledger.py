@@ -195,3 +195,33 @@ def test_report_cli_groups_formats_and_prices(engine, database_url, tmp_path, ca
 def test_report_cli_rejects_unknown_groupings(database_url):
     with pytest.raises(SystemExit):
         usage.main(["--db", database_url, "--by", "customer"])
+
+
+def test_a_committed_row_reads_back_field_for_field(engine):
+    """The insert runs as precompiled driver SQL: every field, None and the UTC timestamp included, must read back
+    through SQLAlchemy exactly as it was written."""
+    written = [record(1, trace_id=None, dimensions=None, latency_ms=1.25,
+                      created_at=datetime(2026, 12, 2, 4, 5, 6, 789012, tzinfo=timezone.utc)),
+               record(2, key_id=None, trace_id="serve-trace", documents=0, search_units=0, embeddings=4,
+                      dimensions=256)]
+    ledger = Ledger(engine)
+
+    async def write():
+        await asyncio.gather(*(ledger.record(row) for row in written))
+
+    asyncio.run(write())
+    with engine.connect() as connection:
+        stored = connection.execute(select(usage_records).order_by(usage_records.c.seq)).mappings().all()
+    for row, expected in zip(stored, written, strict=True):
+        values = dict(row)
+        values.pop("seq")
+        created = values.pop("created_at")
+        assert created.replace(tzinfo=created.tzinfo or timezone.utc) == expected.created_at
+        assert values == {k: v for k, v in expected.__dict__.items() if k != "created_at"}
+    # Stored exactly as SQLAlchemy's own insert stores it (SQLite keeps timestamps as text), so rows written
+    # before and after this fast path read, sort and group alike.
+    with engine.begin() as connection:
+        connection.execute(usage_records.insert(), [{**written[0].__dict__, "request_id": "req_core"}])
+        raw = connection.exec_driver_sql("SELECT request_id, created_at, dimensions, latency_ms FROM usage_records "
+                                         "WHERE request_id IN ('req_1', 'req_core') ORDER BY request_id").all()
+    assert raw[0][1:] == raw[1][1:]
