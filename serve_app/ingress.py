@@ -46,6 +46,7 @@ from serve_app.ledger import (MAX_IDEMPOTENCY_KEY_CHARS, Ledger, UsageRecord, fi
                               usage_totals)
 from serve_app.metrics import GatewayMetrics
 from serve_app.ratelimit import limiter_handle
+from serve_app.responses import OrjsonResponse
 from serve_app.store import KeyStore, connect, database_url
 
 logger = logging.getLogger("ray.serve")
@@ -291,7 +292,7 @@ class Gateway:
     async def embeddings(self, request: Request) -> JSONResponse:
         endpoint = ENDPOINTS["/v1/embeddings"]
         served = await self._serve(request, endpoint, await parse_body(request, endpoint.schema))
-        return JSONResponse(served.body)
+        return OrjsonResponse(served.body)
 
     # ---- rerank -------------------------------------------------------------------------------------------
 
@@ -301,7 +302,7 @@ class Gateway:
     async def rerank(self, request: Request) -> JSONResponse:
         endpoint = ENDPOINTS["/v1/rerank"]
         served = await self._serve(request, endpoint, await parse_body(request, endpoint.schema))
-        return JSONResponse(served.body)
+        return OrjsonResponse(served.body)
 
     @api.post("/rerank", responses={200: {"model": protocol.RerankResponse}},
               openapi_extra=json_body(protocol.RerankRequest, protocol.TEIRerankRequest))
@@ -313,7 +314,7 @@ class Gateway:
         else:
             endpoint = ENDPOINTS["/v1/rerank"]
             served = await self._serve(request, endpoint, validate(request, raw, endpoint.schema))
-        return JSONResponse(served.body)
+        return OrjsonResponse(served.body)
 
     # ---- models and health --------------------------------------------------------------------------------
 

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+import orjson
+
 from serve_app.errors import PayloadTooLarge
 
 UPLOAD_CHUNK_BYTES = 1 << 20
@@ -182,8 +184,8 @@ class LineReader:
 # ---- output and error lines -------------------------------------------------------------------------------------
 
 def _encode(line: dict[str, Any]) -> bytes:
-    # Compact and with non-ASCII text as is, like the gateway's JSON responses.
-    return json.dumps(line, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8") + b"\n"
+    # Rendered as the gateway renders its responses (serve_app/responses.py: orjson, compact, UTF-8).
+    return orjson.dumps(line) + b"\n"
 
 
 def response_line(request_id: str, custom_id: str, status: int, body: Any) -> bytes:
