@@ -1,0 +1,204 @@
+"""Batch API benchmark: batch throughput against online saturation for the same lines, and online latency while a
+batch runs against without, in one Serve instance (same checkpoints, same model replicas).
+
+  throughput  `--lines` embedding lines (`--inputs` texts of 20-80 words each) and as many rerank lines (1 query x
+              `--inputs` documents): sent online, `--concurrency` in flight (saturation), then as one batch each
+              (create -> completed, measured here by polling every 0.1 s). Lines per second and the ratio.
+  latency     one-input embeddings and one-document reranks, sequential: p50 / p90 with the models otherwise idle,
+              then again while a batch of `--lines` x `--busy-factor` embedding lines (and one of rerank lines)
+              runs; the ratio of the p50s.
+
+    python bench/batch_bench.py                      # shape-true 0.6B widths, 4 layers (CPU: a few minutes)
+    python bench/batch_bench.py --shape tiny         # seconds; overhead-dominated, for a quick check
+
+The load generator runs in this process, on the same cores as the server: on a 2-core machine its cost is part of
+what it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.engine_bench import QUERY, make_texts  # noqa: E402
+from bench.serve_bench import ONE_DOCUMENT, body, percentile, serve_config, serving_checkpoints  # noqa: E402
+
+ENDPOINTS = {"embed": "/v1/embeddings", "rerank": "/v1/rerank"}
+MODELS = {"embed": "bench-embedder", "rerank": "bench-reranker"}
+
+
+def batch_lines(kind: str, groups: list[list[str]], prefix: str) -> bytes:
+    return "".join(json.dumps({"custom_id": f"{prefix}-{n}", "method": "POST", "url": ENDPOINTS[kind],
+                               "body": body(kind, docs)}) + "\n" for n, docs in enumerate(groups)).encode()
+
+
+async def submit(client: httpx.AsyncClient, kind: str, groups: list[list[str]], prefix: str) -> str:
+    uploaded = await client.post("/v1/files", files={"file": ("lines.jsonl", batch_lines(kind, groups, prefix))},
+                                 data={"purpose": "batch"})
+    uploaded.raise_for_status()
+    created = await client.post("/v1/batches", json={"input_file_id": uploaded.json()["id"],
+                                                     "endpoint": ENDPOINTS[kind], "completion_window": "24h"})
+    created.raise_for_status()
+    return created.json()["id"]
+
+
+async def wait_done(client: httpx.AsyncClient, batch_id: str, poll_s: float = 0.1) -> dict:
+    while True:
+        batch = (await client.get(f"/v1/batches/{batch_id}")).json()
+        if batch["status"] in ("completed", "failed", "expired", "cancelled"):
+            return batch
+        await asyncio.sleep(poll_s)
+
+
+async def online_saturation(client: httpx.AsyncClient, kind: str, groups: list[list[str]], concurrency: int) -> float:
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def one(docs):
+        async with semaphore:
+            response = await client.post(ENDPOINTS[kind], json=body(kind, docs))
+            response.raise_for_status()
+
+    await one(groups[0])
+    start = time.perf_counter()
+    await asyncio.gather(*(one(docs) for docs in groups))
+    return time.perf_counter() - start
+
+
+async def sequential_latency(client: httpx.AsyncClient, kind: str, samples: int, until=None) -> list[float]:
+    times = []
+    for _ in range(samples):
+        if until is not None and until():
+            break
+        start = time.perf_counter()
+        response = await client.post(ENDPOINTS[kind], json=body(kind, ONE_DOCUMENT))
+        response.raise_for_status()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+async def measure(url: str, groups: dict[str, list[list[str]]], busy_groups: dict[str, list[list[str]]],
+                  args, instance) -> dict:
+    results: dict = {}
+
+    async def engine_seconds(kind: str) -> float:
+        return (await instance.model_handle(MODELS[kind]).stats.remote())["engine_seconds"]
+
+    limits = httpx.Limits(max_connections=args.concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        for kind in ("embed", "rerank"):
+            await sequential_latency(client, kind, 5)
+            results[f"{kind}_online_seconds"] = await online_saturation(client, kind, groups[kind], args.concurrency)
+            busy_before, start = await engine_seconds(kind), time.perf_counter()
+            batch = await wait_done(client, await submit(client, kind, groups[kind], f"{kind}-alone"))
+            results[f"{kind}_batch_seconds"] = time.perf_counter() - start
+            results[f"{kind}_batch_engine_seconds"] = await engine_seconds(kind) - busy_before
+            assert batch["status"] == "completed" and batch["request_counts"]["failed"] == 0, batch
+        for kind in ("embed", "rerank"):
+            results[f"{kind}_idle_latency"] = await sequential_latency(client, kind, args.latency_samples)
+        for kind in ("embed", "rerank"):
+            batch_id = await submit(client, kind, busy_groups[kind], f"{kind}-busy")
+            state = {"running": False, "done": False, "completed": 0}
+
+            async def watch():
+                while True:
+                    batch = (await client.get(f"/v1/batches/{batch_id}")).json()
+                    state["completed"] = batch["request_counts"]["completed"]
+                    state["running"] = batch["status"] == "in_progress" and batch["request_counts"]["completed"] > 0
+                    if batch["status"] not in ("validating", "in_progress"):
+                        state["done"] = True
+                        return batch
+                    await asyncio.sleep(0.25)
+
+            watcher = asyncio.create_task(watch())
+            while not state["running"] and not state["done"]:
+                await asyncio.sleep(0.05)
+            completed_before, started = state["completed"], time.perf_counter()
+            times = await sequential_latency(client, kind, args.latency_samples, until=lambda: state["done"])
+            # The batch's own progress while online requests ran (lines checkpointed in that window, to +-1 chunk).
+            results[f"{kind}_busy_batch_rate"] = (state["completed"] - completed_before) / (time.perf_counter() - started)
+            results[f"{kind}_busy_latency"] = times
+            results[f"{kind}_busy_batch_left"] = not state["done"]
+            await client.post(f"/v1/batches/{batch_id}/cancel")
+            await watcher
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="0.6b", choices=["tiny", "0.6b", "4b", "8b"])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--lines", type=int, default=48)
+    parser.add_argument("--inputs", type=int, default=8, help="embedding inputs / rerank documents per line")
+    parser.add_argument("--busy-factor", type=int, default=4, help="the latency phase's batch: lines x this")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--latency-samples", type=int, default=40)
+    parser.add_argument("--in-flight", type=int, default=8, help="batches.max_in_flight_per_model")
+    parser.add_argument("--grace-ms", type=float, default=None, help="models' batching.background_grace_ms")
+    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="torch threads of each model replica")
+    parser.add_argument("--checkpoints", default=str(REPO / "checkpoints"))
+    args = parser.parse_args()
+
+    layers = None if args.shape == "tiny" else args.layers
+    paths = serving_checkpoints(Path(args.checkpoints), args.shape, layers)
+    texts = make_texts(args.lines * args.inputs * (1 + args.busy_factor), 20, 80, seed=3)
+    chunks = [texts[i * args.inputs:(i + 1) * args.inputs] for i in range(len(texts) // args.inputs)]
+    groups = {kind: chunks[:args.lines] for kind in ("embed", "rerank")}
+    busy = {kind: chunks[args.lines:] for kind in ("embed", "rerank")}
+    print(f"shape {args.shape} layers {layers or 'all'}; {args.lines} lines x {args.inputs} inputs (20-80 words), "
+          f"online concurrency {args.concurrency}, batch max_in_flight_per_model {args.in_flight}, {args.cpus} torch "
+          f"threads; busy batch {len(busy['embed'])} lines; background_grace_ms "
+          f"{args.grace_ms if args.grace_ms is not None else 'default'}", flush=True)
+
+    from tests.serving import ServeInstance, free_port
+
+    folder = Path(tempfile.mkdtemp(prefix="batch-bench-"))
+    port = free_port()
+    config = serve_config(paths["rerank"], paths["embed"], port, args.cpus, None,
+                          database_url=f"sqlite:///{folder / 'bench.db'}")
+    if args.grace_ms is not None:
+        for app in config["applications"][1:]:
+            app["args"]["batching"]["background_grace_ms"] = args.grace_ms
+    config["applications"][0]["args"]["batches"] = {
+        "storage": {"kind": "local", "path": str(folder / "files")}, "max_in_flight_per_model": args.in_flight,
+        "checkpoint_lines": 64, "checkpoint_s": 2, "poll_s": 0.2, "lease_s": 5,
+        "runner": {"num_cpus": 0, "num_replicas": 1}}
+    instance = ServeInstance.start_on(port, num_cpus=2 * args.cpus + 2, num_gpus=0)
+    try:
+        instance.deploy(config)
+        results = asyncio.run(measure(instance.url, groups, busy, args, instance))
+    finally:
+        instance.stop()
+
+    print(f"\n{'workload':<8} {'metric':<34} {'online':>10} {'batch':>10} {'ratio':>8}")
+    for kind in ("embed", "rerank"):
+        online_rate = args.lines / results[f"{kind}_online_seconds"]
+        batch_rate = args.lines / results[f"{kind}_batch_seconds"]
+        busy_share = results[f"{kind}_batch_engine_seconds"] / results[f"{kind}_batch_seconds"]
+        print(f"{kind:<8} {'throughput (lines/s)':<34} {online_rate:>10.2f} {batch_rate:>10.2f} "
+              f"{batch_rate / online_rate:>8.1%}   (engine busy {busy_share:.0%} during the batch)")
+    print(f"\n{'workload':<8} {'metric':<34} {'idle':>10} {'batch on':>10} {'ratio':>8}")
+    for kind in ("embed", "rerank"):
+        idle, loaded = results[f"{kind}_idle_latency"], results[f"{kind}_busy_latency"]
+        p50_idle, p50_busy = statistics.median(idle) * 1e3, statistics.median(loaded) * 1e3
+        print(f"{kind:<8} {'p50 one-input online (ms)':<34} {p50_idle:>10.2f} {p50_busy:>10.2f} "
+              f"{p50_busy / p50_idle:>8.2f}x   ({len(loaded)} samples while the batch ran"
+              f"{'' if results[f'{kind}_busy_batch_left'] else '; it ended before the samples did'})")
+        print(f"{kind:<8} {'p90 one-input online (ms)':<34} {percentile(idle, 0.9) * 1e3:>10.2f} "
+              f"{percentile(loaded, 0.9) * 1e3:>10.2f}")
+        print(f"{kind:<8} {'batch lines/s meanwhile':<34} {'':>10} {results[f'{kind}_busy_batch_rate']:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
