@@ -13,6 +13,9 @@ send no key get a fresh id per attempt, and such a retry is billed twice. A key 
 (another route or body: the row's fingerprint differs) is refused with 409, so reusing one key cannot buy
 unbilled answers. The ledger test kills a replica under load with retrying clients and checks that totals equal
 the usage the clients received.
+
+Prepaid credit (serve_app/credit) debits a request in the transaction that writes its row (the writer's
+`with_rows` hook), so a balance and the ledger can never disagree, whatever fails and whenever.
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ import hashlib
 import logging
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
-from typing import Any
+from typing import Any, Callable
 
 from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from serve_app.errors import IdempotencyConflict
 from serve_app.store import now, usage_records
@@ -74,9 +77,16 @@ def _insert_ignoring_duplicates(engine: Engine):
     return dialects[engine.dialect.name](usage_records).on_conflict_do_nothing(index_elements=["request_id"])
 
 
+# In-transaction hook of the writer: given the connection and the rows this transaction records (those refused as
+# Idempotency-Key conflicts left out), it writes what must commit with them (serve_app/credit: the debits of
+# prepaid keys) and returns what to run once the transaction has committed, or None.
+CommitHook = Callable[[Connection, list[dict[str, Any]]], Callable[[], None] | None]
+
+
 class Ledger:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, with_rows: CommitHook | None = None):
         self.engine = engine
+        self.with_rows = with_rows
         self._insert = _insert_ignoring_duplicates(engine)
         self._queue: asyncio.Queue | None = None
         self._writer: asyncio.Task | None = None
@@ -140,15 +150,24 @@ class Ledger:
         Idempotency-Key can meet their id again (the others have a fresh random id and no fingerprint), so only
         they are read back: a commit of fresh rows is the insert alone."""
         repeatable = [row["request_id"] for row in rows if row["fingerprint"]]
+        after_commit = None
         with self.engine.begin() as connection:
-            connection.execute(self._insert, rows)
+            # In request_id order (stable: of two requests with one id, the first still wins): two replicas
+            # committing the same retried ids in opposite orders would otherwise deadlock on PostgreSQL.
+            connection.execute(self._insert, sorted(rows, key=lambda row: row["request_id"]))
             stored = dict(connection.execute(
                 select(usage_records.c.request_id, usage_records.c.fingerprint)
                 .where(usage_records.c.request_id.in_(repeatable))).all()) if repeatable else {}
+            conflicts = {index for index, row in enumerate(rows)
+                         if row["fingerprint"] and stored.get(row["request_id"]) != row["fingerprint"]}
+            if self.with_rows is not None:
+                after_commit = self.with_rows(connection, [row for index, row in enumerate(rows)
+                                                           if index not in conflicts])
         self.commits += 1
         self.records += len(rows)
-        return {index for index, row in enumerate(rows)
-                if row["fingerprint"] and stored.get(row["request_id"]) != row["fingerprint"]}
+        if after_commit is not None:
+            after_commit()
+        return conflicts
 
 
 # ---- reading: totals per key, model and UTC day ----------------------------------------------------------------
