@@ -175,7 +175,7 @@ def test_report_cli_groups_formats_and_prices(engine, database_url, tmp_path, ca
     assert usage.main(["--config", str(config_path), "--by", "key", "--format", "json"]) == 0
     [by_key] = json.loads(capsys.readouterr().out)
     assert by_key["key"] == acme.id and by_key["key_name"] == "acme" and by_key["requests"] == 2
-    assert by_key["amount"] == pytest.approx(2000 / 1000 * 0.05 + 3.0 * 0.02)
+    assert by_key["amount"] == "0.16"  # 2000 documents at 0.05 per 1,000 + 3M tokens at 0.02 per 1M, exactly
 
     assert usage.main(["--db", database_url, "--by", "model,day", "--format", "csv"]) == 0
     parsed = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
