@@ -157,9 +157,11 @@ def priced_entry(name: str, price: dict | None) -> ModelEntry:
 
 
 def replica(database_url: str) -> tuple[Ledger, CreditGuard]:
-    """What one gateway replica has: its own engine, balance views, prices and ledger writer."""
+    """What one gateway replica has: its own engine, balance views (loaded, as with the keys on a gateway's first
+    request), prices and ledger writer."""
     engine = connect(database_url)
     guard = CreditGuard(CreditBook(engine))
+    guard.load()
     for name, price in (("reranker", RERANKER_PRICE), ("embedder", EMBEDDER_PRICE), ("free", None)):
         guard.pricing.note(priced_entry(name, price))
     return Ledger(engine, with_rows=guard.with_rows), guard

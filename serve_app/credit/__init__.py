@@ -13,7 +13,9 @@ Modules:
 
 On the request path the balance check is a dict lookup: each gateway replica reloads the balances with the keys
 (every auth.key_refresh_s, and when an unknown key arrives) and learns every key's running sums again each time
-one of its own commits debits that key. A key at or below zero is refused (429 insufficient_quota) before any
+one of its own commits debits that key. The keys a replica knows as prepaid are the ones its commits debit, so
+rows of unlimited keys cost the commit nothing; a key that had no balance and is topped up becomes prepaid on a
+replica at its next reload (a key created with credit is loaded with its balance). A key at or below zero is refused (429 insufficient_quota) before any
 model is called. A request admitted with a positive balance is served in full, so a balance can end below zero by
 what was in flight: the requests already admitted when it reached zero, plus those another replica admitted before
 it heard (at its next commit for that key or its next reload).

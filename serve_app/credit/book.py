@@ -88,15 +88,16 @@ def record_entry(connection: Connection, key_id: str, amount: Decimal, *, kind: 
     return JournalEntry(seq=seq, **row)
 
 
-def debit_rows(connection: Connection, rows: list[dict[str, Any]],
-               cost: Callable[[dict[str, Any]], Decimal]) -> dict[str, Balance]:
+def debit_rows(connection: Connection, rows: list[dict[str, Any]], cost: Callable[[dict[str, Any]], Decimal],
+               prepaid: Callable[[str], bool]) -> dict[str, Balance]:
     """In the ledger's transaction: one debit per usage row of a prepaid key that costs something, and those keys'
-    running sums; returns their balances as this transaction left them. A row whose request is already debited (a
-    retry with the same Idempotency-Key) is not debited again: the debit's unique request_id decides, in the
-    database, so two replicas committing the same retry at once debit it once."""
+    running sums; returns their balances as this transaction left them. `prepaid` says which keys are (the
+    gateway's views: a key, once prepaid, stays so), so a commit of unlimited keys' rows costs nothing more. A row
+    whose request is already debited (a retry with the same Idempotency-Key) is not debited again: the debit's
+    unique request_id decides, in the database, so two replicas committing the same retry at once debit it once."""
     priced: dict[str, dict[str, Any]] = {}
     for row in rows:
-        if row["key_id"] is None or row["request_id"] in priced:
+        if row["key_id"] is None or not prepaid(row["key_id"]) or row["request_id"] in priced:
             continue
         amount = cost(row)
         if amount > 0:
@@ -104,13 +105,8 @@ def debit_rows(connection: Connection, rows: list[dict[str, Any]],
                                          "created_at": row["created_at"]}
     if not priced:
         return {}
-    keys = {debit["key_id"] for debit in priced.values()}
-    prepaid = set(connection.execute(select(credit_totals.c.key_id)
-                                     .where(credit_totals.c.key_id.in_(sorted(keys)))).scalars())
-    debits = sorted((debit for debit in priced.values() if debit["key_id"] in prepaid),
-                    key=lambda debit: debit["request_id"])  # the ledger's insert order: no deadlock between writers
-    if not debits:
-        return {}
+    # In request_id order, as the ledger inserts its rows: no deadlock between writers.
+    debits = sorted(priced.values(), key=lambda debit: debit["request_id"])
     inserted = connection.execute(
         _insert(connection, usage_debits).on_conflict_do_nothing(index_elements=["request_id"])
         .returning(usage_debits.c.key_id, usage_debits.c.amount), debits).all()

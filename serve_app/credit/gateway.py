@@ -82,7 +82,7 @@ class CreditGuard:
     def with_rows(self, connection: Connection, rows: list[dict[str, Any]]) -> Callable[[], None] | None:
         """The ledger writer's hook (serve_app/ledger.py): debit the rows in their transaction; once it commits,
         take the balances it left as the newest views of those keys."""
-        balances = debit_rows(connection, rows, self.pricing.cost)
+        balances = debit_rows(connection, rows, self.pricing.cost, self._views.__contains__)
         if not balances:
             return None
         return lambda: self._merge(balances.values())
