@@ -13,11 +13,12 @@ from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Callable
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, literal_column, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from serve_app.credit.amounts import SQLITE_MAX_TOTAL, InvalidAmount, decimal_text, parse_amount
+from serve_app.credit.amounts import (SQLITE_MAX_TOTAL, CreditAmount, InvalidAmount, decimal_text, from_units,
+                                     parse_amount)
 from serve_app.ledger import day_start
 from serve_app.store import MAX_CREDIT_NOTE_CHARS, api_keys, credit_journal, credit_totals, now, usage_debits
 
@@ -88,14 +89,61 @@ def record_entry(connection: Connection, key_id: str, amount: Decimal, *, kind: 
     return JournalEntry(seq=seq, **row)
 
 
+class _DriverStatement:
+    """A statement compiled once per dialect and run as driver SQL with its parameters' own bind processing, as the
+    ledger runs its insert (serve_app/ledger.py _DriverInsert): SQLAlchemy's per-execution work costs more than
+    the debit itself, and a served request waits on the commit that holds it."""
+
+    def __init__(self, dialect, statement, types: dict[str, Any]):
+        compiled = statement.compile(dialect=dialect, column_keys=list(types))
+        self.sql = str(compiled)
+        self.order = list(compiled.positiontup) if compiled.positional else None
+        self.processors = {name: type_.dialect_impl(dialect).bind_processor(dialect) for name, type_ in types.items()}
+
+    def parameters(self, values: dict[str, Any]):
+        processed = {name: value if (process := self.processors[name]) is None else process(value)
+                     for name, value in values.items()}
+        return processed if self.order is None else tuple(processed[name] for name in self.order)
+
+    def execute(self, connection: Connection, values: dict[str, Any] | list[dict[str, Any]]):
+        if isinstance(values, list):
+            return connection.exec_driver_sql(self.sql, [self.parameters(row) for row in values])
+        return connection.exec_driver_sql(self.sql, self.parameters(values))
+
+
+_debit_statements: dict[tuple[str, str], tuple[_DriverStatement, _DriverStatement]] = {}
+
+
+def _debit_sql(dialect) -> tuple[_DriverStatement, _DriverStatement]:
+    """(insert a debit, add to a key's used sum returning its totals) for this dialect, compiled once."""
+    known = _debit_statements.get((dialect.name, dialect.driver))
+    if known is None:
+        columns = usage_debits.c
+        insert_debit = _DriverStatement(dialect, usage_debits.insert(), {
+            "request_id": columns.request_id.type, "key_id": columns.key_id.type, "amount": columns.amount.type,
+            "created_at": columns.created_at.type})
+        add_used = _DriverStatement(dialect, (
+            update(credit_totals).where(credit_totals.c.key_id == bindparam("debit_key"))
+            .values(used=credit_totals.c.used + bindparam("debit_amount", type_=CreditAmount()),
+                    version=credit_totals.c.version + literal_column("1"), updated_at=bindparam("debit_at"))
+            .returning(credit_totals.c.credited, credit_totals.c.used, credit_totals.c.version)), {
+            "debit_key": credit_totals.c.key_id.type, "debit_amount": CreditAmount(),
+            "debit_at": credit_totals.c.updated_at.type})
+        known = _debit_statements[(dialect.name, dialect.driver)] = (insert_debit, add_used)
+    return known
+
+
 def debit_rows(connection: Connection, rows: list[dict[str, Any]], cost: Callable[[dict[str, Any]], Decimal],
                prepaid: Callable[[str], bool]) -> dict[str, Balance]:
     """In the ledger's transaction: one debit per usage row of a prepaid key that costs something, and those keys'
     running sums; returns their balances as this transaction left them. `prepaid` says which keys are (the
-    gateway's views: a key, once prepaid, stays so), so a commit of unlimited keys' rows costs nothing more. A row
-    whose request is already debited (a retry with the same Idempotency-Key) is not debited again: the debit's
-    unique request_id decides, in the database, so two replicas committing the same retry at once debit it once."""
+    gateway's views: a key, once prepaid, stays so), so a commit of unlimited keys' rows costs nothing more.
+
+    A row without a fingerprint has a fresh random id, so it is debited for the first time. A row with one (an
+    Idempotency-Key) may be a retry of a request debited before: its debit is an insert-or-ignore on the unique
+    request_id, decided in the database, so two replicas committing the same retry at once debit it once."""
     priced: dict[str, dict[str, Any]] = {}
+    repeatable: set[str] = set()
     for row in rows:
         if row["key_id"] is None or not prepaid(row["key_id"]) or row["request_id"] in priced:
             continue
@@ -103,25 +151,32 @@ def debit_rows(connection: Connection, rows: list[dict[str, Any]], cost: Callabl
         if amount > 0:
             priced[row["request_id"]] = {"request_id": row["request_id"], "key_id": row["key_id"], "amount": amount,
                                          "created_at": row["created_at"]}
+            if row["fingerprint"]:
+                repeatable.add(row["request_id"])
     if not priced:
         return {}
+    insert_debit, add_used = _debit_sql(connection.dialect)
     # In request_id order, as the ledger inserts its rows: no deadlock between writers.
     debits = sorted(priced.values(), key=lambda debit: debit["request_id"])
-    inserted = connection.execute(
-        _insert(connection, usage_debits).on_conflict_do_nothing(index_elements=["request_id"])
-        .returning(usage_debits.c.key_id, usage_debits.c.amount), debits).all()
+    fresh = [debit for debit in debits if debit["request_id"] not in repeatable]
     per_key: dict[str, Decimal] = defaultdict(Decimal)
-    for key_id, amount in inserted:
-        per_key[key_id] += amount
+    if fresh:
+        insert_debit.execute(connection, fresh)
+        for debit in fresh:
+            per_key[debit["key_id"]] += debit["amount"]
+    retried = [debit for debit in debits if debit["request_id"] in repeatable]
+    if retried:
+        inserted = connection.execute(
+            _insert(connection, usage_debits).on_conflict_do_nothing(index_elements=["request_id"])
+            .returning(usage_debits.c.key_id, usage_debits.c.amount), retried).all()
+        for key_id, amount in inserted:
+            per_key[key_id] += amount
     balances = {}
     at = now()
     for key_id in sorted(per_key):  # one lock order for every writer
-        credited, used, version = connection.execute(
-            update(credit_totals).where(credit_totals.c.key_id == key_id)
-            .values(used=credit_totals.c.used + per_key[key_id], version=credit_totals.c.version + 1,
-                    updated_at=at)
-            .returning(credit_totals.c.credited, credit_totals.c.used, credit_totals.c.version)).one()
-        balances[key_id] = Balance(key_id, credited, used, version)
+        credited, used, version = add_used.execute(
+            connection, {"debit_key": key_id, "debit_amount": per_key[key_id], "debit_at": at}).one()
+        balances[key_id] = Balance(key_id, from_units(credited), from_units(used), version)
     return balances
 
 
