@@ -51,6 +51,7 @@ from serve_app.ledger import (MAX_IDEMPOTENCY_KEY_CHARS, Ledger, UsageRecord, fi
                               usage_totals)
 from serve_app.metrics import GatewayMetrics
 from serve_app.ratelimit import limiter_handle
+from serve_app.responses import OrjsonResponse
 from serve_app.store import KeyStore, connect, database_url
 
 logger = logging.getLogger("ray.serve")
@@ -366,7 +367,7 @@ class Gateway:
             encoded = vectors.tolist()
         tokens = sum(out["token_counts"])
         await self._bill(request, entry.name, tokens, embeddings=len(inputs), dimensions=int(vectors.shape[1]))
-        return JSONResponse({
+        return OrjsonResponse({
             "object": "list",
             "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(encoded)],
             "model": entry.name,
@@ -395,7 +396,7 @@ class Gateway:
             if body.return_documents:
                 result["document"] = {"text": documents[index]}
             results.append(result)
-        return JSONResponse({
+        return OrjsonResponse({
             "id": request.state.request_id,
             "model": entry.name,
             "results": results,
@@ -429,7 +430,7 @@ class Gateway:
             if body.return_text:
                 item["text"] = body.texts[index]
             ranks.append(item)
-        return JSONResponse(ranks)
+        return OrjsonResponse(ranks)
 
     def _check_document_count(self, count: int, param: str) -> None:
         if count > self.config.max_rerank_documents:
