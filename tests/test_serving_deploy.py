@@ -1,4 +1,4 @@
-"""Serving behaviour beyond single requests: concurrent batching, live reconfiguration, redeploys."""
+"""Serving behaviour beyond single requests: concurrent batching, live reconfiguration, redeploys, readiness."""
 
 import asyncio
 import copy
@@ -8,11 +8,12 @@ import httpx
 import pytest
 
 from tests.reference import ModelCardReranker
-from tests.serving import EMBEDDER, RERANKER, application
+from tests.serving import EMBEDDER, NARROW_RERANKER, RERANKER, application
 from tests.texts import DOCUMENTS, NONEMPTY_QUERIES
 
 TOLERANCE = 1e-5
 EXTRA_EMBEDDER = "qwen3-embedding-extra"
+STARTING_EMBEDDER = "qwen3-embedding-starting"
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +94,46 @@ def test_adding_and_removing_a_model_restarts_no_other_replica(served, serve_con
     response = httpx.post(f"{served.url}/v1/embeddings", json={"model": EXTRA_EMBEDDER, "input": "x"},
                                   headers=served.headers, timeout=60)
     assert response.status_code == 404
+
+
+def test_a_model_that_cannot_start_yet_answers_503_and_ready_names_it(served, serve_config):
+    """A model application that is deployed but has no running replica (here: it asks for more CPUs than the
+    cluster has, so its replica waits for resources): its name and alias get 503 "is starting" with Retry-After,
+    /ready (no key) is 503 naming it, a name nothing serves is still 404; once it is removed, /ready is 200."""
+    grown = copy.deepcopy(serve_config)
+    waiting = copy.deepcopy(application(grown, EMBEDDER))
+    waiting["name"] = waiting["args"]["name"] = STARTING_EMBEDDER
+    waiting["args"]["aliases"] = ["Org/Starting-Embedder"]
+    waiting["args"]["deployment"]["num_cpus"] = 64
+    grown["applications"].append(waiting)
+
+    def ready():
+        return httpx.get(f"{served.url}/ready", timeout=30)  # no Authorization: probes are open
+
+    try:
+        served.deploy(grown, wait=False)
+        wait_for(lambda: STARTING_EMBEDDER in ready().text, timeout_s=60, what="/ready names the waiting model")
+        response = ready()
+        assert response.status_code == 503 and int(response.headers["Retry-After"]) > 0
+        error = response.json()["error"]
+        assert error["code"] == "model_starting"
+        assert error["message"] == f"not ready: 1 of 4 models still starting: {STARTING_EMBEDDER}"
+        for name in (STARTING_EMBEDDER, "Org/Starting-Embedder"):
+            response = httpx.post(f"{served.url}/v1/embeddings", json={"model": name, "input": "x"},
+                                  headers=served.headers, timeout=60)
+            assert response.status_code == 503 and response.headers["Retry-After"], response.text
+            assert response.json()["error"]["code"] == "model_starting"
+            assert f"model {STARTING_EMBEDDER!r} is starting" in response.json()["error"]["message"]
+        response = httpx.get(f"{served.url}/v1/models/{STARTING_EMBEDDER}", headers=served.headers, timeout=60)
+        assert response.status_code == 503 and response.json()["error"]["code"] == "model_starting"
+        response = httpx.post(f"{served.url}/v1/embeddings", json={"model": "no-such-model", "input": "x"},
+                              headers=served.headers, timeout=60)
+        assert response.status_code == 404
+        # The running models are served meanwhile.
+        response = httpx.post(f"{served.url}/v1/embeddings", json={"model": EMBEDDER, "input": "x"},
+                              headers=served.headers, timeout=60)
+        assert response.status_code == 200
+    finally:
+        served.deploy(serve_config)
+    wait_for(lambda: ready().status_code == 200, timeout_s=30, what="/ready once the waiting model is removed")
+    assert ready().json() == {"status": "ready", "models": sorted([EMBEDDER, NARROW_RERANKER, RERANKER])}
