@@ -1,4 +1,5 @@
-"""API-key authentication for the gateway: every route but /health needs `Authorization: Bearer <key>`.
+"""API-key authentication for the gateway: every route but the probes (/health, /ready) needs
+`Authorization: Bearer <key>`.
 
 Each gateway replica keeps the active keys' hashes in memory and reloads them every `key_refresh_s`, so a request
 costs one SHA-256 and a dict lookup, never a database round trip, and a revoked key stops working on every
@@ -20,7 +21,7 @@ from serve_app.store import ApiKey, KeyStore, verify
 
 logger = logging.getLogger("ray.serve")
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/ready"})  # probes (serve_app/probes.py)
 MISS_RELOAD_MIN_INTERVAL_S = 0.25
 
 

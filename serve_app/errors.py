@@ -96,6 +96,12 @@ class ModelUnavailable(ServingError):
     status, type, code = 503, "server_error", "model_unavailable"
 
 
+class ModelStarting(ModelUnavailable):
+    """The model's application is deployed but no replica runs yet (weights loading): retry later, not a 404."""
+
+    code = "model_starting"
+
+
 class RequestTimeout(ServingError):
     """The model did not answer within the gateway's request_timeout_s."""
 
@@ -112,6 +118,6 @@ def status_table() -> dict[str, int]:
     """Kind -> status, for the README and the tests."""
     kinds = [InvalidRequest, Unauthorized, Forbidden, NotFound, ModelNotFound, MethodNotAllowed, IdempotencyConflict,
              PayloadTooLarge,
-             RateLimited, InsufficientQuota, InternalError, Overloaded, ModelUnavailable, RequestTimeout,
-             StoreUnavailable]
+             RateLimited, InsufficientQuota, InternalError, Overloaded, ModelUnavailable, ModelStarting,
+             RequestTimeout, StoreUnavailable]
     return {kind.__name__: kind.status for kind in kinds}

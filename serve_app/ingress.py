@@ -7,7 +7,7 @@ Routes (design.md section 5):
     GET  /v1/usage                              the caller's usage totals and credit (every key's for an admin key)
     GET, POST /v1/admin/keys, DELETE /v1/admin/keys/{id}   key management, admin keys only (serve_app/admin.py)
     GET, POST /v1/admin/keys/{id}/credit        a key's credit journal; top-ups and adjustments
-    GET  /health                                liveness, no auth
+    GET  /health, /ready                        liveness and readiness, no auth (serve_app/probes.py)
 
 Every served request is written to the usage ledger (serve_app/ledger.py) before its response is sent, and that
 response carries its ledger id in `X-Usage-Id` (Serve's own X-Request-ID is its trace id, kept in the row). A
@@ -36,7 +36,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app import admin, protocol
+from serve_app import admin, probes, protocol
 from serve_app.auth import OPEN_PATHS, KeyGuard
 from serve_app.bodies import (body_limit, ignored_fields_header, json_body, parse_body, read_json, validate,
                               validation_error)
@@ -65,6 +65,7 @@ DOCUMENTS_PER_SEARCH_UNIT = 100
 api = FastAPI(title="qwen3-serve", version="0.1.0",
               description="Qwen3-Reranker and Qwen3-Embedding behind OpenAI, Cohere, Jina and TEI routes.")
 api.include_router(admin.router)
+api.include_router(probes.router)
 
 
 # ---- errors: one place turns every failure into the OpenAI error body ----------------------------------------
@@ -249,7 +250,7 @@ class Gateway:
                                allow_methods=["GET", "POST"],
                                allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
                                expose_headers=["X-Usage-Id", "X-Ignored-Fields", "Retry-After"])
-        self.models = ModelDirectory(self.config.model_refresh_s)
+        self.models = api.state.models = ModelDirectory(self.config.model_refresh_s)
         # Prepaid keys are debited in the transaction that writes their usage rows.
         self.ledger = Ledger(self.store_engine, with_rows=self.credit.with_rows if self.credit else None)
 
@@ -437,7 +438,7 @@ class Gateway:
             raise PayloadTooLarge(f"{count} documents; at most {self.config.max_rerank_documents} per request",
                                   param=param)
 
-    # ---- models and health --------------------------------------------------------------------------------
+    # ---- models -------------------------------------------------------------------------------------------
 
     @api.get("/v1/models", response_model=protocol.ModelList)
     async def list_models(self) -> protocol.ModelList:
@@ -448,6 +449,7 @@ class Gateway:
         for entry in await self.models.entries():
             if model_id in entry.served_names:
                 return model_card(entry)
+        self.models.raise_if_starting(model_id)
         raise ModelNotFound(f"model {model_id!r} does not exist; served models: {self.models.names_text()}",
                             param="model")
 
@@ -464,10 +466,6 @@ class Gateway:
         key = getattr(request.state, "api_key", None)
         only_key = key.id if key is not None and not key.admin else None
         rows = await asyncio.to_thread(usage_totals, self.store_engine, key_id=only_key, since=start, until=end)
-        credit = await asyncio.to_thread(self.credit_book.summaries, only_key, start, end)
-        return protocol.UsageReport(data=rows, totals=sum_totals(rows), credit=credit)
-
-    @api.get("/health")
-    async def health(self) -> dict[str, Any]:
-        return {"status": "ok"}
-
+        self.models = api.state.models = ModelDirectory(self.config.model_refresh_s)
+        # Prepaid keys are debited in the transaction that writes their usage rows.
+        self.ledger = Ledger(self.store_engine, with_rows=self.credit.with_rows if self.credit else None)

@@ -166,6 +166,13 @@ class ModelCard(WireModel):
     aliases: list[str] = Field(default_factory=list)
 
 
+class ReadyReport(WireModel):
+    """GET /ready when every deployed model can be called (a 503 error names the ones still starting)."""
+
+    status: Literal["ready"]
+    models: list[str]  # the deployed models, by name
+
+
 class ModelList(WireModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
