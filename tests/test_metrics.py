@@ -50,10 +50,15 @@ def test_gateway_and_model_metrics_follow_a_known_workload(served):
                                                 "input_type": "search_query", "embedding_types": ["int8"]}).json()
         assert client.post("/v1/embeddings", json={"model": EMBEDDER, "input": []}).status_code == 400
     rerank_requests = f"ray_qwen3_requests_total|model={RERANKER}|route=/v1/rerank|status=200"
+    # Each gateway replica and model replica reports on its own clock: wait for the last of them.
+    arriving = {rerank_requests: 3, "ray_qwen3_requests_total|model=-|route=/v1/embeddings|status=400": 1,
+                f"ray_qwen3_requests_total|model={EMBEDDER}|route=/v1/embeddings|status=200": 1,
+                f"ray_qwen3_requests_total|model={EMBEDDER}|route=/v2/embed|status=200": 1,
+                f"ray_qwen3_batch_tokens_count|model={EMBEDDER}": 2}
     deadline = time.monotonic() + 30
     while True:
         after = scrape(served)
-        if delta(after, before, rerank_requests) >= 3 or time.monotonic() > deadline:
+        if all(delta(after, before, key) >= count for key, count in arriving.items()) or time.monotonic() > deadline:
             break
         time.sleep(1)
     assert delta(after, before, rerank_requests) == 3
