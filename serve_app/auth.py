@@ -3,7 +3,8 @@
 Each gateway replica keeps the active keys' hashes in memory and reloads them every `key_refresh_s`, so a request
 costs one SHA-256 and a dict lookup, never a database round trip, and a revoked key stops working on every
 replica within seconds. An unknown key waits for a reload that started after it arrived (shared, at most 4 a
-second), so a key created a moment ago works at once.
+second), so a key created a moment ago works at once. Prepaid balances (serve_app/credit) are reloaded with the
+keys.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Callable
 
 from serve_app.errors import StoreUnavailable, Unauthorized
 from serve_app.periodic import Periodic
@@ -30,8 +32,11 @@ def bearer_token(header: str | None) -> str | None:
 
 
 class KeyGuard:
-    def __init__(self, store: KeyStore, refresh_s: float):
+    def __init__(self, store: KeyStore, refresh_s: float, also_load: Callable[[], None] | None = None):
+        """`also_load` is read with the keys, in the same worker thread and right after them (the prepaid
+        balances: a key that is known is known with its balance)."""
         self.store = store
+        self.also_load = also_load
         self._known: dict[str, ApiKey] = {}
         self._loaded_at = 0.0
         self._lock = asyncio.Lock()
@@ -67,5 +72,11 @@ class KeyGuard:
             if unless_loaded_since is not None and self._loaded_at >= unless_loaded_since:
                 return  # another request's reload already read the store after ours arrived
             started = time.monotonic()
-            self._known = await asyncio.to_thread(self.store.active_by_hash)
+            self._known = await asyncio.to_thread(self._load)
             self._loaded_at = started
+
+    def _load(self) -> dict[str, ApiKey]:
+        known = self.store.active_by_hash()
+        if self.also_load is not None:
+            self.also_load()
+        return known

@@ -28,6 +28,7 @@ from serve_app import protocol, quantization
 from serve_app.bodies import json_body, parse_body
 from serve_app.errors import InvalidRequest
 from serve_app.instructions import INPUT_TYPE_INSTRUCTIONS
+from serve_app.responses import OrjsonResponse
 
 router = APIRouter()
 
@@ -56,7 +57,7 @@ async def embed_by_type(request: Request, body: protocol.CohereEmbedRequest) -> 
     except InvalidRequest as exc:
         exc.param = renamed.get(exc.param, exc.param)
         raise
-    return JSONResponse({
+    return OrjsonResponse({
         "id": request.state.request_id,
         "response_type": "embeddings_by_type",
         "embeddings": quantization.encode(out["embeddings"], types, out.get("ranges")),

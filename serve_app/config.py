@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import re
 import sys
+from decimal import Decimal, localcontext
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from serve_app.credit.amounts import EXACT
 
 MODEL_IMPORT_PATH = "serve_app.app:model_app"
 GATEWAY_IMPORT_PATH = "serve_app.app:gateway_app"
@@ -156,10 +159,13 @@ class DeploymentOptions(Strict):
 
 
 class Price(Strict):
-    """What usage of a model costs, priced the way hosted APIs price these models (the usage report multiplies)."""
+    """What usage of a model costs, priced the way hosted APIs price these models: the gateway debits prepaid keys
+    by it (serve_app/credit) and the usage report multiplies it out. Exact decimals (a YAML 0.05 is the decimal
+    0.05), with at most as many decimal places as make the cost of one document or one token a whole number of
+    the credit store's 10^-12 units, so no cost is ever rounded."""
 
-    per_1k_documents: float | None = Field(default=None, ge=0)  # rerankers: per 1,000 documents
-    per_1m_tokens: float | None = Field(default=None, ge=0)  # embedders: per 1M input tokens
+    per_1k_documents: Decimal | None = Field(default=None, ge=0, decimal_places=9)  # rerankers: per 1,000 documents
+    per_1m_tokens: Decimal | None = Field(default=None, ge=0, decimal_places=6)  # embedders: per 1M input tokens
 
     @model_validator(mode="after")
     def _some_price(self) -> "Price":
@@ -167,9 +173,13 @@ class Price(Strict):
             raise ValueError("a price needs per_1k_documents (rerankers) or per_1m_tokens (embedders)")
         return self
 
-    def amount(self, documents: int, input_tokens: int) -> float:
-        return (documents / 1000 * (self.per_1k_documents or 0.0)
-                + input_tokens / 1_000_000 * (self.per_1m_tokens or 0.0))
+    def cost(self, usage: Mapping[str, Any]) -> Decimal:
+        """The exact cost of a usage row (a ledger row, or a model's totals over rows): its documents at
+        per_1k_documents plus its input tokens at per_1m_tokens. It takes the row, not two counts, so that what
+        else a row says (its route, say) can price it too."""
+        with localcontext(EXACT):
+            return ((Decimal(usage["documents"]) * (self.per_1k_documents or 0)).scaleb(-3)
+                    + (Decimal(usage["input_tokens"]) * (self.per_1m_tokens or 0)).scaleb(-6))
 
 
 class ModelConfig(Strict):
@@ -193,7 +203,8 @@ class ModelConfig(Strict):
     cpu_threads: int | None = Field(default=None, ge=1)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
-    # Optional: turns the usage report's totals into amounts owed (python -m serve_app.usage --config ...).
+    # Optional: what a request costs prepaid keys (debited from their credit) and the amounts in the usage report
+    # (python -m serve_app.usage --config ...). No price: the model costs nothing.
     price: Price | None = None
     # Rerankers: how many token windows a document too long for max_length is split into when a request does not
     # say (Cohere's max_chunks_per_doc); each is scored as a document and the document gets the best score.

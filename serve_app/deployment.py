@@ -115,8 +115,10 @@ class ModelServer:
     # ---- requests -----------------------------------------------------------------------------------------
 
     async def describe(self) -> dict[str, Any]:
+        # The price as decimal text: only text and numbers cross the hop, and the gateway debits by it exactly.
+        price = self.config.price.model_dump(mode="json", exclude_none=True) if self.config.price else None
         return {**self.facts, "name": self.config.name, "aliases": list(self.config.aliases),
-                "token_budget": self.engine.token_budget}
+                "token_budget": self.engine.token_budget, "price": price}
 
     async def rerank(self, query: str, documents: list[str], instruction: str | None = None,
                      max_tokens_per_doc: int | None = None, truncate: bool = True,

@@ -5,12 +5,14 @@ Routes (design.md section 5):
     POST /v2/embed                              Cohere v2 embed, compressed types too (serve_app/cohere_embed.py)
     POST /v1/rerank, /v2/rerank, /rerank        Cohere v2 / Jina / vLLM / Voyage rerank; TEI's body on /rerank
     GET  /v1/models, /v1/models/{id}            OpenAI model objects
-    GET  /v1/usage                              the caller's usage totals (every key's for an admin key)
+    GET  /v1/usage                              the caller's usage totals and credit (every key's for an admin key)
     GET, POST /v1/admin/keys, DELETE /v1/admin/keys/{id}   key management, admin keys only (serve_app/admin.py)
+    GET, POST /v1/admin/keys/{id}/credit        a key's credit journal; top-ups and adjustments
     GET  /health                                liveness, no auth
 
 Every served request is written to the usage ledger (serve_app/ledger.py) before its response is sent, and that
-response carries its ledger id in `X-Usage-Id` (Serve's own X-Request-ID is its trace id, kept in the row). Every
+response carries its ledger id in `X-Usage-Id` (Serve's own X-Request-ID is its trace id, kept in the row). A
+prepaid key is debited in that same transaction, and refused (429) once its credit is spent (serve_app/credit). Every
 error leaves as {"error": {"message", "type", "param", "code"}} with the status of its kind (serve_app/errors.py);
 client mistakes are 4xx, never 5xx. Bodies are parsed in serve_app/bodies.py.
 """
@@ -39,6 +41,8 @@ from serve_app.auth import OPEN_PATHS, KeyGuard
 from serve_app.bodies import (body_limit, ignored_fields_header, json_body, parse_body, read_json, validate,
                               validation_error)
 from serve_app.config import GATEWAY_DEPLOYMENT_NAME, GatewayConfig
+from serve_app.credit.book import CreditBook
+from serve_app.credit.gateway import CreditGuard
 from serve_app.directory import ModelDirectory, ModelEntry
 from serve_app.errors import (IdempotencyConflict, InternalError, InvalidRequest, MethodNotAllowed, ModelNotFound,
                               ModelUnavailable, NotFound, Overloaded, PayloadTooLarge, RateLimited, RequestTimeout,
@@ -48,6 +52,7 @@ from serve_app.ledger import (MAX_IDEMPOTENCY_KEY_CHARS, Ledger, UsageRecord, fi
 from serve_app.metrics import GatewayMetrics
 from serve_app.quantization import base64_float32
 from serve_app.ratelimit import limiter_handle
+from serve_app.responses import OrjsonResponse
 from serve_app.store import KeyStore, connect, database_url
 
 logger = logging.getLogger("ray.serve")
@@ -229,9 +234,12 @@ class Gateway:
         api.state.max_body_bytes = self.config.max_body_bytes
         api.state.metrics = GatewayMetrics()
         self.store_engine = connect(database_url(self.config.database_url))
+        self.credit_book = CreditBook(self.store_engine)
+        self.credit: CreditGuard | None = None  # prepaid balances: only keys can hold one
         if self.config.auth.enabled:
             store = KeyStore(self.store_engine)
-            api.state.key_guard = KeyGuard(store, self.config.auth.key_refresh_s)
+            self.credit = CreditGuard(self.credit_book, on_refusal=api.state.metrics.credit_refused)
+            api.state.key_guard = KeyGuard(store, self.config.auth.key_refresh_s, also_load=self.credit.load)
             api.state.limiter = limiter_handle()
         else:
             api.state.key_guard = None
@@ -244,14 +252,21 @@ class Gateway:
                                allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
                                expose_headers=["X-Usage-Id", "X-Ignored-Fields", "Retry-After"])
         self.models = ModelDirectory(self.config.model_refresh_s)
-        self.ledger = Ledger(self.store_engine)
+        # Prepaid keys are debited in the transaction that writes their usage rows.
+        self.ledger = Ledger(self.store_engine, with_rows=self.credit.with_rows if self.credit else None)
         # Routes in router modules (serve_app/cohere_embed.py) reach the shared serving path through this.
         api.state.gateway = self
 
     async def _resolve(self, request: Request, name: str | None, task: str) -> ModelEntry:
-        """The model a request names; no name (TEI's body) means the one model of that task."""
+        """The model a request names; no name (TEI's body) means the one model of that task. Every inference
+        route resolves its model before calling it, so this is where a key whose credit is spent is refused."""
+        key = getattr(request.state, "api_key", None)
+        if self.credit is not None and key is not None:
+            self.credit.admit(key)
         entry = await (self.models.resolve(name, task) if name is not None else self.models.only_model(task))
         request.state.model = entry.name  # metrics label: only served names, never what a client typed
+        if self.credit is not None:
+            self.credit.pricing.note(entry)  # the price this request's debit is computed with
         return entry
 
     async def _call(self, entry: ModelEntry, method: str, *args) -> dict[str, Any]:
@@ -352,7 +367,7 @@ class Gateway:
         vectors: np.ndarray = out["embeddings"]
         encoded = base64_float32(vectors) if body.encoding_format == "base64" else vectors.tolist()
         tokens = sum(out["token_counts"])
-        return JSONResponse({
+        return OrjsonResponse({
             "object": "list",
             "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(encoded)],
             "model": entry.name,
@@ -403,7 +418,7 @@ class Gateway:
             if body.return_documents:
                 result["document"] = {"text": documents[index]}
             results.append(result)
-        return JSONResponse({
+        return OrjsonResponse({
             "id": request.state.request_id,
             "model": entry.name,
             "results": results,
@@ -438,7 +453,7 @@ class Gateway:
             if body.return_text:
                 item["text"] = body.texts[index]
             ranks.append(item)
-        return JSONResponse(ranks)
+        return OrjsonResponse(ranks)
 
     def _check_document_count(self, count: int, param: str) -> None:
         if count > self.config.max_rerank_documents:
@@ -465,13 +480,15 @@ class Gateway:
     async def usage(self, request: Request, start: date | None = None, end: date | None = None
                     ) -> protocol.UsageReport:
         """The caller's totals per model and UTC day (every key's for an admin key, or when auth is off);
-        start and end are inclusive days, YYYY-MM-DD."""
+        start and end are inclusive days, YYYY-MM-DD. `credit`: per prepaid key, its balance now and the credit
+        added and used in the period (a spent key can still read it)."""
         if start is not None and end is not None and end < start:
             raise InvalidRequest("end is before start", param="end")
         key = getattr(request.state, "api_key", None)
         only_key = key.id if key is not None and not key.admin else None
         rows = await asyncio.to_thread(usage_totals, self.store_engine, key_id=only_key, since=start, until=end)
-        return protocol.UsageReport(data=rows, totals=sum_totals(rows))
+        credit = await asyncio.to_thread(self.credit_book.summaries, only_key, start, end)
+        return protocol.UsageReport(data=rows, totals=sum_totals(rows), credit=credit)
 
     @api.get("/health")
     async def health(self) -> dict[str, Any]:

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
+from serve_app.credit.amounts import decimal_text
+
 NonNegativeTokenId = Annotated[StrictInt, Field(ge=0)]
 
 
@@ -237,13 +239,29 @@ class UsageRow(UsageTotals):
     day: str  # UTC, YYYY-MM-DD
 
 
+class CreditSummary(WireModel):
+    """A prepaid key's credit. Amounts are exact decimal text in the currency of the models' prices."""
+
+    key_id: str
+    balance: str  # now: the journal's sum minus the debits; at or below zero the key is refused
+    credit_added: str  # journal entries in the period (initial credit, top-ups, adjustments)
+    used: str  # debits of the requests served in the period
+
+
 class UsageReport(WireModel):
     object: Literal["usage_report"] = "usage_report"
     data: list[UsageRow]
     totals: UsageTotals
+    credit: list[CreditSummary] = Field(default_factory=list)  # the prepaid keys among those reported
 
 
 # ---- API keys (admin routes, /v1/admin/keys) ---------------------------------------------------------------------
+
+# Credit amounts are decimal strings ("25", "2.50") or JSON numbers, which the admin routes read as exact decimals.
+# Their type is checked with their value by the credit book (serve_app/credit/amounts.py parse_amount), so the CLI
+# and the routes refuse the same amounts with the same words.
+AMOUNT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "number"}]}
+
 
 class ApiKeyCreateRequest(BaseModel):
     """Types only: the allowed names and limits are the store's (serve_app/store.py KeyStore.create), so the CLI and
@@ -257,6 +275,7 @@ class ApiKeyCreateRequest(BaseModel):
     admin: StrictBool = False
     requests_per_minute: StrictInt | None = None  # None: unlimited
     tokens_per_minute: StrictInt | None = None  # input tokens; None: unlimited
+    credit: Any = Field(default=None, json_schema_extra=AMOUNT_SCHEMA)  # starting credit (0 allowed); None: unlimited
 
 
 class ApiKeyObject(WireModel):
@@ -270,13 +289,14 @@ class ApiKeyObject(WireModel):
     tokens_per_minute: int | None
     created_at: int
     revoked_at: int | None
+    balance: str | None = None  # prepaid credit left (exact decimal text); None: no balance, unlimited
 
     @classmethod
-    def of(cls, key) -> "ApiKeyObject":
-        """From a serve_app.store.ApiKey."""
+    def of(cls, key, balance: str | None = None) -> "ApiKeyObject":
+        """From a serve_app.store.ApiKey (and its balance as decimal text, for a prepaid key)."""
         return cls(id=key.id, name=key.name, admin=key.admin, requests_per_minute=key.requests_per_minute,
                    tokens_per_minute=key.tokens_per_minute, created_at=unix_seconds(key.created_at),
-                   revoked_at=unix_seconds(key.revoked_at) if key.revoked_at else None)
+                   revoked_at=unix_seconds(key.revoked_at) if key.revoked_at else None, balance=balance)
 
 
 class CreatedApiKey(ApiKeyObject):
@@ -286,3 +306,41 @@ class CreatedApiKey(ApiKeyObject):
 class ApiKeyList(WireModel):
     object: Literal["list"] = "list"
     data: list[ApiKeyObject]
+
+
+# ---- prepaid credit (admin routes, /v1/admin/keys/{id}/credit) ---------------------------------------------------
+
+class CreditEntryRequest(BaseModel):
+    """A top-up (amount > 0) or, with `adjustment`, a correction either way. Unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    amount: Any = Field(json_schema_extra=AMOUNT_SCHEMA)
+    note: StrictStr  # why: an invoice or ticket number, say
+    adjustment: StrictBool = False
+
+
+class CreditEntryObject(WireModel):
+    """One row of a key's credit journal."""
+
+    object: Literal["credit_entry"] = "credit_entry"
+    id: int
+    key_id: str
+    kind: Literal["initial", "top_up", "adjustment"]
+    amount: str  # exact decimal text
+    balance: str  # the balance this entry left
+    note: str
+    actor: str  # who: "key:<admin key id>" or "cli:<OS user>"
+    created_at: int
+
+    @classmethod
+    def of(cls, entry) -> "CreditEntryObject":
+        """From a serve_app.credit.book.JournalEntry."""
+        return cls(id=entry.seq, key_id=entry.key_id, kind=entry.kind, amount=decimal_text(entry.amount),
+                   balance=decimal_text(entry.balance_after), note=entry.note, actor=entry.actor,
+                   created_at=unix_seconds(entry.created_at))
+
+
+class CreditJournal(WireModel):
+    object: Literal["list"] = "list"
+    data: list[CreditEntryObject]

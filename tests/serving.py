@@ -25,6 +25,8 @@ EMBEDDER = "qwen3-embedding-tiny"
 # A reranker that takes one request at a time and queues one more: overload tests fill it on purpose.
 NARROW_RERANKER = "qwen3-reranker-narrow"
 TEST_MAX_BODY_BYTES = 1 << 20
+# Written as YAML numbers are read (floats): the models' prices must still be these decimals exactly.
+TEST_PRICES = {RERANKER: {"per_1k_documents": 0.05}, EMBEDDER: {"per_1m_tokens": 0.02}}
 
 
 def free_port() -> int:
@@ -44,7 +46,8 @@ def application(config: dict, name: str) -> dict:
 
 def tiny_test_config(port: int, reranker_path: Path, embedder_path: Path, database_url: str) -> dict[str, Any]:
     """configs/tiny.yaml with the test's port and checkpoints, auth on (keys in `database_url`), a smaller body
-    limit, a logical-GPU embedder and a narrow reranker (which splits long documents into 2 windows by default)."""
+    limit, prices (what prepaid keys are debited), a logical-GPU embedder and a narrow reranker (which splits long
+    documents into 2 windows by default)."""
     config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     gateway = application(config, "gateway")["args"]
@@ -52,10 +55,10 @@ def tiny_test_config(port: int, reranker_path: Path, embedder_path: Path, databa
                    auth={"enabled": True, "key_refresh_s": 0.5})
     # Two gateway replicas: keys, revocation and rate limits must hold across replicas.
     gateway["deployment"]["num_replicas"] = 2
-    application(config, RERANKER)["args"]["source"] = str(reranker_path)
+    application(config, RERANKER)["args"].update(source=str(reranker_path), price=TEST_PRICES[RERANKER])
     embedder = application(config, EMBEDDER)["args"]
-    embedder["source"] = str(embedder_path)
-    embedder["calibration"] = str(calibration_path(embedder_path))
+    embedder.update(source=str(embedder_path), price=TEST_PRICES[EMBEDDER],
+                    calibration=str(calibration_path(embedder_path)))
     # Ray hands out a logical GPU here; the replica must still start, on CPU, with a warning.
     embedder["device"] = "auto"
     embedder["deployment"]["num_gpus"] = 0.5
@@ -148,6 +151,22 @@ class ServeInstance:
             yield
         finally:
             self.deploy(config)
+
+    @contextlib.contextmanager
+    def gateway_on_postgres(self, config: dict[str, Any], key_database: str, postgres_url: str):
+        """The gateway redeployed onto a PostgreSQL database, with the API keys of `key_database` copied over (so
+        the session's keys keep working), and put back afterwards."""
+        from sqlalchemy import insert, select
+
+        from serve_app.store import api_keys, connect
+
+        with connect(key_database).connect() as source:
+            keys = [dict(row._mapping) for row in source.execute(select(api_keys))]
+        with connect(postgres_url).begin() as target:
+            target.execute(api_keys.delete())
+            target.execute(insert(api_keys), keys)
+        with self.gateway_changed(config, database_url=postgres_url):
+            yield
 
     def _all_running(self, config: dict) -> bool:
         from ray import serve

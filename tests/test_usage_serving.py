@@ -10,9 +10,9 @@ import uuid
 
 import httpx
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import select
 
-from serve_app.store import KeyStore, api_keys, connect, usage_records
+from serve_app.store import KeyStore, connect, usage_records
 from tests.serving import EMBEDDER, RERANKER
 from tests.texts import DOCUMENTS, NONEMPTY_QUERIES
 
@@ -139,12 +139,7 @@ def gateway_database(request, served, serve_config, key_database):
         yield key_database
         return
     postgres_url = request.getfixturevalue("postgres_url")
-    with connect(key_database).connect() as source:
-        keys = [dict(row._mapping) for row in source.execute(select(api_keys))]
-    with connect(postgres_url).begin() as target:
-        target.execute(api_keys.delete())
-        target.execute(insert(api_keys), keys)
-    with served.gateway_changed(serve_config, database_url=postgres_url):
+    with served.gateway_on_postgres(serve_config, key_database, postgres_url):
         yield postgres_url
 
 
