@@ -207,6 +207,15 @@ class ModelConfig(Strict):
     # Optional: what a request costs prepaid keys (debited from their credit) and the amounts in the usage report
     # (python -m serve_app.usage --config ...). No price: the model costs nothing.
     price: Price | None = None
+    # Rerankers: how many token windows a document too long for max_length is split into when a request does not
+    # say (Cohere's max_chunks_per_doc); each is scored as a document and the document gets the best score.
+    # None: one window, i.e. cut as the model card does.
+    max_chunks_per_doc: int | None = Field(default=None, ge=1)
+    # Embedders: the file that fixes this model's int8/uint8 ranges, made once from the shipped calibration corpus
+    # by `python -m serve_app.quantization.calibration` (a local path, as `source`). None: int8 and uint8
+    # embeddings are refused (400); float, base64 and binary need none. With build_offline, a missing file is made
+    # at start-up (offline test models only: the ranges of real weights must come from one reviewed file).
+    calibration: str | None = None
 
     @field_validator("source")
     @classmethod
@@ -220,6 +229,18 @@ class ModelConfig(Strict):
     def _offline_needs_local_path(self) -> "ModelConfig":
         if self.build_offline and not is_local_path(self.source):
             raise ValueError("build_offline needs a local path as source")
+        return self
+
+    @model_validator(mode="after")
+    def _task_options(self) -> "ModelConfig":
+        if self.max_chunks_per_doc is not None and self.task != "rerank":
+            raise ValueError("max_chunks_per_doc applies to rerank models only")
+        if self.calibration is not None:
+            if self.task != "embed":
+                raise ValueError("calibration applies to embed models only")
+            if not is_local_path(self.calibration):
+                raise ValueError(f"calibration {self.calibration!r} must be a local path (start it with '/', "
+                                 "'./', '../' or '~')")
         return self
 
     @property

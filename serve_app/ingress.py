@@ -2,7 +2,8 @@
 
 Routes (design.md section 5):
     POST /v1/embeddings, /embeddings            OpenAI embeddings
-    POST /v1/rerank, /v2/rerank, /rerank        Cohere v2 / Jina / vLLM rerank; TEI's body on /rerank
+    POST /v2/embed                              Cohere v2 embed, compressed types too (serve_app/cohere_embed.py)
+    POST /v1/rerank, /v2/rerank, /rerank        Cohere v2 / Jina / vLLM / Voyage rerank; TEI's body on /rerank
     GET  /v1/models, /v1/models/{id}            OpenAI model objects
     GET  /v1/usage                              the caller's usage totals and credit (every key's for an admin key)
     GET, POST /v1/admin/keys, DELETE /v1/admin/keys/{id}   key management, admin keys only (serve_app/admin.py)
@@ -17,7 +18,6 @@ client mistakes are 4xx, never 5xx. Bodies are parsed in serve_app/bodies.py.
 """
 
 import asyncio
-import base64
 import logging
 import math
 import time
@@ -36,7 +36,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app import admin, probes, protocol
+from serve_app import admin, cohere_embed, probes, protocol
 from serve_app.auth import OPEN_PATHS, KeyGuard
 from serve_app.bodies import (body_limit, ignored_fields_header, json_body, parse_body, read_json, validate,
                               validation_error)
@@ -50,6 +50,7 @@ from serve_app.errors import (IdempotencyConflict, InternalError, InvalidRequest
 from serve_app.ledger import (MAX_IDEMPOTENCY_KEY_CHARS, Ledger, UsageRecord, fingerprint, request_id, sum_totals,
                               usage_totals)
 from serve_app.metrics import GatewayMetrics
+from serve_app.quantization import base64_float32
 from serve_app.ratelimit import limiter_handle
 from serve_app.responses import OrjsonResponse
 from serve_app.store import KeyStore, connect, database_url
@@ -66,6 +67,7 @@ api = FastAPI(title="qwen3-serve", version="0.1.0",
               description="Qwen3-Reranker and Qwen3-Embedding behind OpenAI, Cohere, Jina and TEI routes.")
 api.include_router(admin.router)
 api.include_router(probes.router)
+api.include_router(cohere_embed.router)
 
 
 # ---- errors: one place turns every failure into the OpenAI error body ----------------------------------------
@@ -253,6 +255,8 @@ class Gateway:
         self.models = api.state.models = ModelDirectory(self.config.model_refresh_s)
         # Prepaid keys are debited in the transaction that writes their usage rows.
         self.ledger = Ledger(self.store_engine, with_rows=self.credit.with_rows if self.credit else None)
+        # Routes in router modules (serve_app/cohere_embed.py) reach the shared serving path through this.
+        api.state.gateway = self
 
     async def _resolve(self, request: Request, name: str | None, task: str) -> ModelEntry:
         """The model a request names; no name (TEI's body) means the one model of that task. Every inference
@@ -290,10 +294,11 @@ class Gateway:
             raise error
 
     async def _bill(self, request: Request, model: str, tokens: int, *, documents: int = 0, embeddings: int = 0,
-                    dimensions: int | None = None) -> None:
+                    dimensions: int | None = None, windows: int | None = None) -> None:
         """Record a served request, durably and once, before its response is sent; then charge its tokens to the
         key's rate limit and count it in the metrics. If the row cannot be written the request fails (503):
-        nothing is served unbilled."""
+        nothing is served unbilled. `windows`: the rerank prompts scored, when documents were split into chunks
+        (search units count each, as Cohere bills chunks)."""
         key = getattr(request.state, "api_key", None)
         route = route_label(request)
         # Only a request that carries an Idempotency-Key can meet its id again; others get a fresh id and no
@@ -303,7 +308,8 @@ class Gateway:
             body_fingerprint = await asyncio.to_thread(fingerprint, route, await request.body())
         usage = UsageRecord(request_id=request.state.request_id, key_id=key.id if key else None, model=model,
                             fingerprint=body_fingerprint, route=route,
-                            input_tokens=tokens, documents=documents, search_units=search_units(documents),
+                            input_tokens=tokens, documents=documents,
+                            search_units=search_units(documents if windows is None else windows),
                             embeddings=embeddings, dimensions=dimensions,
                             trace_id=request.headers.get("x-request-id"),
                             latency_ms=(time.perf_counter() - request.state.started) * 1000)
@@ -353,27 +359,38 @@ class Gateway:
               openapi_extra=json_body(protocol.EmbeddingRequest))
     @api.post("/embeddings", include_in_schema=False)
     async def embeddings(self, request: Request) -> JSONResponse:
-        body = await parse_body(request, protocol.EmbeddingRequest)
+        return await self.embeddings_openai(request, await parse_body(request, protocol.EmbeddingRequest))
+
+    async def embeddings_openai(self, request: Request, body: protocol.EmbeddingRequest) -> JSONResponse:
         inputs = body.inputs()
-        if len(inputs) > self.config.max_embedding_inputs:
-            raise PayloadTooLarge(f"{len(inputs)} inputs; at most {self.config.max_embedding_inputs} per request",
-                                  param="input")
-        entry = await self._resolve(request, body.model, "embed")
-        out = await self._call(entry, "embed", inputs, body.instruction, body.dimensions, body.truncate)
+        entry, out = await self.embed_inputs(request, body.model, inputs, param="input", instruction=body.instruction,
+                                             dimensions=body.dimensions, truncate=body.truncate)
         vectors: np.ndarray = out["embeddings"]
-        if body.encoding_format == "base64":
-            # Little-endian float32 bytes: exactly what the openai SDK decodes.
-            encoded = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in vectors]
-        else:
-            encoded = vectors.tolist()
+        encoded = base64_float32(vectors) if body.encoding_format == "base64" else vectors.tolist()
         tokens = sum(out["token_counts"])
-        await self._bill(request, entry.name, tokens, embeddings=len(inputs), dimensions=int(vectors.shape[1]))
         return OrjsonResponse({
             "object": "list",
             "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(encoded)],
             "model": entry.name,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         })
+
+    async def embed_inputs(self, request: Request, model: str, inputs: list[str] | list[list[int]], *, param: str,
+                           instruction: str | None = None, dimensions: int | None = None, truncate: bool = True,
+                           truncate_side: str = "end", max_tokens: int | None = None,
+                           with_ranges: bool = False) -> tuple[ModelEntry, dict[str, Any]]:
+        """What every embeddings route does (OpenAI's, Cohere's): the input limit (413 naming `param`), the model,
+        one model call, the usage row. Returns the model and its answer: float32 vectors, token counts and, with
+        `with_ranges`, the model's fixed int8/uint8 ranges for these dimensions."""
+        if len(inputs) > self.config.max_embedding_inputs:
+            raise PayloadTooLarge(f"{len(inputs)} inputs; at most {self.config.max_embedding_inputs} per request",
+                                  param=param)
+        entry = await self._resolve(request, model, "embed")
+        out = await self._call(entry, "embed", inputs, instruction, dimensions, truncate, truncate_side, max_tokens,
+                               with_ranges)
+        await self._bill(request, entry.name, sum(out["token_counts"]), embeddings=len(inputs),
+                         dimensions=int(out["embeddings"].shape[1]))
+        return entry, out
 
     # ---- rerank -------------------------------------------------------------------------------------------
 
@@ -386,11 +403,16 @@ class Gateway:
     async def rerank_cohere(self, request: Request, body: protocol.RerankRequest) -> JSONResponse:
         documents = body.document_texts()
         self._check_document_count(len(documents), "documents")
+        if body.top_n is not None and body.top_k is not None and body.top_n != body.top_k:
+            raise InvalidRequest(f"top_k is Voyage's name for top_n: send one (got top_n {body.top_n}, top_k "
+                                 f"{body.top_k})", param="top_k")
         entry = await self._resolve(request, body.model, "rerank")
-        out = await self._call(entry, "rerank", body.query, documents, body.instruction, body.max_tokens_per_doc)
-        ranked = rank(out["scores"], body.top_n)
+        out = await self._call(entry, "rerank", body.query, documents, body.instruction, body.max_tokens_per_doc,
+                               True, body.max_chunks_per_doc)
+        ranked = rank(out["scores"], body.top_n if body.top_n is not None else body.top_k)
         tokens = sum(out["token_counts"])
-        await self._bill(request, entry.name, tokens, documents=len(documents))
+        windows = sum(out["windows"])
+        await self._bill(request, entry.name, tokens, documents=len(documents), windows=windows)
         results = []
         for index in ranked:
             result: dict[str, Any] = {"index": index, "relevance_score": out["scores"][index]}
@@ -402,7 +424,7 @@ class Gateway:
             "model": entry.name,
             "results": results,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            "meta": {"billed_units": {"search_units": search_units(len(documents))}},
+            "meta": {"billed_units": {"search_units": search_units(windows)}},
         })
 
     @api.post("/rerank", responses={200: {"model": protocol.RerankResponse}},
@@ -423,7 +445,8 @@ class Gateway:
             if exc.param == "documents":
                 exc.param = "texts"
             raise
-        await self._bill(request, entry.name, sum(out["token_counts"]), documents=len(body.texts))
+        await self._bill(request, entry.name, sum(out["token_counts"]), documents=len(body.texts),
+                         windows=sum(out["windows"]))
         values = out["logits"] if body.raw_scores else out["scores"]
         ranks = []
         for index in rank(out["scores"], None):

@@ -11,6 +11,8 @@
   random-weight test checkpoint there when it is missing (configs/tiny.yaml).
 - A GPU fraction on a machine without CUDA (Ray hands out logical GPUs) falls back to CPU with a warning.
 - One log line per model when ready: device, dtype, parameters, memory, token budget, load time.
+- An embedder's `calibration` file (its fixed int8/uint8 ranges) is read and checked against the weights; with
+  `build_offline` a missing one is made from the shipped corpus (serve_app/quantization/calibration.py).
 
 torch and the engines are imported where they are used, so fetching weights (the config CLI) never loads them.
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from serve_app.config import ModelConfig, is_local_path
+from serve_app.quantization.calibration import Calibration, CalibrationError, calibrate
 
 logger = logging.getLogger("ray.serve")
 
@@ -201,3 +204,25 @@ def load_engine(config: ModelConfig) -> tuple[Any, dict[str, Any]]:
                 facts.get("cuda_memory_bytes", weights_bytes) / 2**20, engine.token_budget, engine.max_length,
                 facts["cpu_threads"], facts["load_seconds"])
     return engine, facts
+
+
+def load_calibration(config: ModelConfig, engine) -> Calibration | None:
+    """The embedder's calibration (None when its config names none), checked against the loaded weights."""
+    if config.calibration is None:
+        return None
+    path = resolve_local_path(config.calibration)
+    if not path.exists():
+        if not config.build_offline:
+            raise ModelLoadError(f"{config.name}: no calibration file at {path}. Make it once with `python -m "
+                                 "serve_app.quantization.calibration --config <this config> --model "
+                                 f"{config.name}`, or remove `calibration` (int8 and uint8 are then refused)")
+        logger.info("%s: making the offline calibration file %s from the shipped corpus", config.name, path)
+        calibrate(engine, source=config.source, revision=config.revision).save(path)
+    try:
+        calibration = Calibration.load(path)
+        cosine = calibration.check_matches(lambda texts: engine.embed(texts).embeddings)
+    except CalibrationError as exc:
+        raise ModelLoadError(f"{config.name}: calibration {path}: {exc}") from None
+    logger.info("%s: int8/uint8 ranges from %s (corpus %s, made on %s; check cosine %.4f)", config.name, path,
+                calibration.corpus_sha256[:12], calibration.made_with, cosine)
+    return calibration

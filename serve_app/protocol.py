@@ -86,7 +86,55 @@ class EmbeddingResponse(WireModel):
     usage: Usage
 
 
-# ---- rerank (Cohere v2 / Jina / vLLM) ---------------------------------------------------------------------
+# ---- embeddings (Cohere v2: POST /v2/embed, as cohere.ClientV2.embed sends it) -----------------------------
+
+CohereInputType = Literal["search_document", "search_query", "classification", "clustering", "image"]
+CohereEmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]
+
+
+class CohereTextContent(WireModel):
+    type: Literal["text"]
+    text: StrictStr | None = None  # optional in the SDK's type; the route refuses an item without it
+
+
+class CohereImageContent(WireModel):
+    type: Literal["image_url"]
+    image_url: Any = None
+
+
+class CohereEmbedInput(WireModel):
+    content: list[Annotated[CohereTextContent | CohereImageContent, Field(discriminator="type")]] = Field(
+        min_length=1)
+
+
+class CohereEmbedRequest(WireModel):
+    model: StrictStr
+    input_type: CohereInputType  # required, as by Cohere's API: queries and documents embed differently
+    texts: list[StrictStr] | None = Field(default=None, min_length=1)
+    inputs: list[CohereEmbedInput] | None = Field(default=None, min_length=1)  # text content only
+    images: list[StrictStr] | None = None  # refused: the model embeds text
+    embedding_types: list[CohereEmbeddingType] = Field(default_factory=lambda: ["float"], min_length=1)
+    output_dimension: StrictInt | None = None
+    max_tokens: StrictInt | None = Field(default=None, ge=1)  # per input, instruction and end token included
+    truncate: Literal["NONE", "START", "END"] = "END"
+    # Extension, as on /v1/embeddings: the query instruction, overriding what input_type implies.
+    instruction: StrictStr | None = None
+
+
+class CohereEmbedMeta(WireModel):
+    api_version: dict[str, str]
+    billed_units: dict[str, int]
+
+
+class CohereEmbedResponse(WireModel):
+    id: str
+    response_type: Literal["embeddings_by_type"] = "embeddings_by_type"
+    embeddings: dict[CohereEmbeddingType, list[list[float]] | list[list[int]] | list[str]]
+    texts: list[str]
+    meta: CohereEmbedMeta
+
+
+# ---- rerank (Cohere v2 / Jina / vLLM / Voyage) ------------------------------------------------------------
 
 class DocumentObject(WireModel):
     text: StrictStr
@@ -97,9 +145,13 @@ class RerankRequest(WireModel):
     query: QueryText
     documents: list[StrictStr | DocumentObject] = Field(min_length=1)
     top_n: StrictInt | None = Field(default=None, ge=1)
+    top_k: StrictInt | None = Field(default=None, ge=1)  # Voyage's name for top_n
     return_documents: bool = True
     instruction: StrictStr | None = None
     max_tokens_per_doc: StrictInt | None = Field(default=None, ge=1)
+    # Cohere v1's: a document too long for the model is scored in up to this many token windows, its score the
+    # best one's (None: the model's configured default, else cut to one window).
+    max_chunks_per_doc: StrictInt | None = Field(default=None, ge=1)
 
     def document_texts(self) -> list[str]:
         return [doc if isinstance(doc, str) else doc.text for doc in self.documents]

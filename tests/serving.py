@@ -35,13 +35,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def calibration_path(embedder_path: Path) -> Path:
+    """Where the tiny embedder's calibration file lives (made from the shipped corpus on first use)."""
+    return embedder_path.with_name(f"{embedder_path.name}.calibration.npz")
+
+
 def application(config: dict, name: str) -> dict:
     return next(app for app in config["applications"] if app["name"] == name)
 
 
 def tiny_test_config(port: int, reranker_path: Path, embedder_path: Path, database_url: str) -> dict[str, Any]:
     """configs/tiny.yaml with the test's port and checkpoints, auth on (keys in `database_url`), a smaller body
-    limit, prices (what prepaid keys are debited), a logical-GPU embedder and a narrow reranker."""
+    limit, prices (what prepaid keys are debited), a logical-GPU embedder and a narrow reranker (which splits long
+    documents into 2 windows by default)."""
     config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     gateway = application(config, "gateway")["args"]
@@ -51,7 +57,8 @@ def tiny_test_config(port: int, reranker_path: Path, embedder_path: Path, databa
     gateway["deployment"]["num_replicas"] = 2
     application(config, RERANKER)["args"].update(source=str(reranker_path), price=TEST_PRICES[RERANKER])
     embedder = application(config, EMBEDDER)["args"]
-    embedder.update(source=str(embedder_path), price=TEST_PRICES[EMBEDDER])
+    embedder.update(source=str(embedder_path), price=TEST_PRICES[EMBEDDER],
+                    calibration=str(calibration_path(embedder_path)))
     # Ray hands out a logical GPU here; the replica must still start, on CPU, with a warning.
     embedder["device"] = "auto"
     embedder["deployment"]["num_gpus"] = 0.5
@@ -59,6 +66,7 @@ def tiny_test_config(port: int, reranker_path: Path, embedder_path: Path, databa
     narrow["name"] = narrow["args"]["name"] = NARROW_RERANKER
     narrow["args"]["aliases"] = []
     narrow["args"]["deployment"].update(max_ongoing_requests=1, max_queued_requests=1)
+    narrow["args"]["max_chunks_per_doc"] = 2
     config["applications"].append(narrow)
     return config
 

@@ -20,12 +20,6 @@ INSTRUCTION = "Given a question, find the passage that answers it"
 
 
 @pytest.fixture(scope="module")
-def http(served):
-    with httpx.Client(base_url=served.url, headers=served.headers, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def reference(tiny_reranker_path):
     return ModelCardReranker(str(tiny_reranker_path))
 
