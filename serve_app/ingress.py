@@ -489,6 +489,5 @@ class Gateway:
         key = getattr(request.state, "api_key", None)
         only_key = key.id if key is not None and not key.admin else None
         rows = await asyncio.to_thread(usage_totals, self.store_engine, key_id=only_key, since=start, until=end)
-        self.models = api.state.models = ModelDirectory(self.config.model_refresh_s)
-        # Prepaid keys are debited in the transaction that writes their usage rows.
-        self.ledger = Ledger(self.store_engine, with_rows=self.credit.with_rows if self.credit else None)
+        credit = await asyncio.to_thread(self.credit_book.summaries, only_key, start, end)
+        return protocol.UsageReport(data=rows, totals=sum_totals(rows), credit=credit)
