@@ -168,6 +168,16 @@ class ServeInstance:
         with self.gateway_changed(config, database_url=postgres_url):
             yield
 
+    def gateway_database(self, request, config: dict[str, Any], key_database: str):
+        """Body of the tests' parametrized database fixtures (`request.param` "sqlite" or "postgresql"): yields the
+        gateway's database URL, the session's SQLite file as it is or PostgreSQL via gateway_on_postgres."""
+        if request.param == "sqlite":
+            yield key_database
+            return
+        postgres_url = request.getfixturevalue("postgres_url")
+        with self.gateway_on_postgres(config, key_database, postgres_url):
+            yield postgres_url
+
     def _all_running(self, config: dict) -> bool:
         from ray.serve.context import _get_global_client
 

@@ -28,12 +28,7 @@ GATEWAY_REPLICAS = 2  # tests/serving.py tiny_test_config
 def credit_database(request, served, serve_config, key_database):
     """The served gateway's database for this module: the session's SQLite file, then PostgreSQL (one redeploy of
     the gateway for all the tests here)."""
-    if request.param == "sqlite":
-        yield key_database
-        return
-    postgres_url = request.getfixturevalue("postgres_url")
-    with served.gateway_on_postgres(serve_config, key_database, postgres_url):
-        yield postgres_url
+    yield from served.gateway_database(request, serve_config, key_database)
 
 
 def bearer(secret: str) -> dict[str, str]:

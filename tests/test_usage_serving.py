@@ -135,12 +135,7 @@ def test_usage_route_shows_a_key_its_own_totals_and_an_admin_every_key(served, k
 def gateway_database(request, served, serve_config, key_database):
     """The served gateway's database: the session's SQLite file, or a PostgreSQL server that the gateway is
     redeployed onto for the test (the keys copied over, so the session's key keeps working) and then taken off."""
-    if request.param == "sqlite":
-        yield key_database
-        return
-    postgres_url = request.getfixturevalue("postgres_url")
-    with served.gateway_on_postgres(serve_config, key_database, postgres_url):
-        yield postgres_url
+    yield from served.gateway_database(request, serve_config, key_database)
 
 
 def gateway_replicas() -> list[dict]:
