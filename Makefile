@@ -17,8 +17,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 test: $(VENV)/.installed  ## set up, then run the whole test suite
 	$(PY) -m pytest -q
 
+# The config check fetches every model's weights first (progress bars, several at once) and stops here, before Ray
+# starts, with one line per model whose weights cannot be had.
 serve: $(VENV)/.installed  ## set up, then serve CONFIG (default configs/local.yaml; offline: CONFIG=configs/tiny.yaml)
-	$(VENV)/bin/python -m serve_app.config $(CONFIG)
+	$(PY) -m serve_app.config --fetch $(CONFIG)
 	$(VENV)/bin/serve run $(CONFIG)
 
 checkpoints: $(VENV)/.installed  ## tiny offline reranker + embedder checkpoints in checkpoints/

@@ -19,10 +19,32 @@ from models.errors import EngineInputError
 
 END_OF_TEXT = "<|endoftext|>"
 MIN_DIMENSIONS = 32
+# Which end of a too-long input a cut drops: "end" keeps its beginning (the model card's truncation).
+TRUNCATE_SIDES = ("end", "start")
 
 
 def query_text(text: str, instruction: str) -> str:
     return f"Instruct: {instruction}\nQuery:{text}"
+
+
+@dataclass(frozen=True)
+class _TokenLimit:
+    """Tokens an input may take: the model's max_length, or the request's max_tokens when smaller."""
+
+    max_length: int
+    max_tokens: int | None
+
+    @property
+    def capped(self) -> bool:
+        return self.max_tokens is not None and self.max_tokens < self.max_length
+
+    @property
+    def tokens(self) -> int:
+        return self.max_tokens if self.capped else self.max_length
+
+    @property
+    def named(self) -> str:
+        return " (max_tokens)" if self.capped else ""
 
 
 @dataclass
@@ -68,28 +90,41 @@ class Qwen3Embedder(Qwen3Engine):
     # ---- tokenize --------------------------------------------------------------------------------------
 
     def tokenize(self, inputs: list[str] | list[list[int]], instruction: str | None = None,
-                 dimensions: int | None = None, truncate: bool = True) -> EmbedJob:
-        """Texts or token-id lists -> token ids ending in <|endoftext|>, at most max_length long.
+                 dimensions: int | None = None, truncate: bool = True, truncate_side: str = "end",
+                 max_tokens: int | None = None) -> EmbedJob:
+        """Texts or token-id lists -> token ids ending in <|endoftext|>, at most max_length (and `max_tokens`)
+        long.
 
-        Too-long inputs are cut from the right (keeping the end token, as the model card's `truncation=True`
-        does), or rejected when `truncate` is False.
+        `max_tokens` caps every token the model embeds for an input (instruction and end token included, as they
+        are billed). A longer input is cut, keeping the end token, or rejected when `truncate` is False. The cut
+        drops the text's end (`truncate_side="end"`, the model card's `truncation=True`) or its start
+        (`"start"`: the instruction stays, then the text's last tokens).
         """
         if not inputs:
             raise EngineInputError("input must contain at least one item", param="input")
+        if truncate_side not in TRUNCATE_SIDES:
+            raise EngineInputError(f"truncate_side must be one of {', '.join(TRUNCATE_SIDES)}", param="truncate")
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                       or max_tokens < 1):
+            raise EngineInputError(f"max_tokens must be a positive integer; got {max_tokens!r}", param="max_tokens")
         dimensions = self._check_dimensions(dimensions)
+        limit = _TokenLimit(self.max_length, max_tokens)
         if all(isinstance(item, str) for item in inputs):
-            if instruction is not None:
-                inputs = [query_text(text, instruction) for text in inputs]
+            texts = list(inputs)
+            head = self.encode_text(query_text("", instruction)) if instruction is not None else None
+
             def fit(position: int, ids: list[int]) -> TokenIds:
                 if not self.tokenizer_appends_eos:
                     ids = ids + [self.eos_id]
-                return self._fit(ids, position, truncate)
+                text_ids = (lambda: self.encode_text(texts[position])) if instruction is not None else None
+                return self._fit(ids, position, truncate, truncate_side, limit, head, text_ids)
 
-            sequences = self.encode_texts(list(inputs), fit, add_special_tokens=True)
+            prompts = [query_text(text, instruction) for text in texts] if instruction is not None else texts
+            sequences = self.encode_texts(prompts, fit, add_special_tokens=True)
         elif all(isinstance(item, list) for item in inputs):
             if instruction is not None:
                 raise EngineInputError("instruction applies to text inputs only, not token ids", param="instruction")
-            sequences = [self._fit(self._checked_token_ids(seq, position), position, truncate)
+            sequences = [self._fit(self._checked_token_ids(seq, position), position, truncate, truncate_side, limit)
                          for position, seq in enumerate(inputs)]
         else:
             raise EngineInputError("input must be all strings or all lists of token ids", param="input")
@@ -114,13 +149,30 @@ class Qwen3Embedder(Qwen3Engine):
         # Pre-tokenized inputs usually come without the end token; pooling needs it at the last position.
         return seq if seq[-1] == self.eos_id else seq + [self.eos_id]
 
-    def _fit(self, seq: list[int], position: int, truncate: bool) -> TokenIds:
-        if len(seq) <= self.max_length:
+    def _fit(self, seq: list[int], position: int, truncate: bool, side: str, limit: _TokenLimit,
+             head: TokenIds | None = None, text_ids=None) -> TokenIds:
+        """`seq` (ending in the end token) within the limit: as it is, cut, or refused. `head` is the instruction's
+        own tokens and `text_ids()` the text's alone, for a cut from the start that keeps the instruction."""
+        if len(seq) <= limit.tokens:
             return join_ids(seq)
         if not truncate:
-            raise EngineInputError(f"input[{position}] has {len(seq)} tokens; the limit is {self.max_length}",
-                                   param="input")
-        return join_ids(seq[:self.max_length - 1], [self.eos_id])
+            raise EngineInputError(f"input[{position}] has {len(seq)} tokens; the limit is {limit.tokens}"
+                                   f"{limit.named}", param="input")
+        head_length = 0 if head is None else len(head)
+        room = limit.tokens - 1 - head_length  # text tokens that fit beside the instruction and the end token
+        if room < 1:
+            what = f"the instruction's {head_length} tokens and " if head_length else ""
+            raise EngineInputError(f"the limit of {limit.tokens} tokens{limit.named} leaves no room for text "
+                                   f"beside {what}the end token",
+                                   param="max_tokens" if limit.capped else "instruction")
+        if side == "end":
+            return join_ids(seq[:limit.tokens - 1], [self.eos_id])
+        if not head_length:
+            return join_ids(seq[len(seq) - limit.tokens:-1], [self.eos_id])
+        # The text's own tokens: the joint tokenization of instruction + text may merge across their boundary,
+        # and a cut text is new text anyway; an uncut one above keeps the joint tokens, exactly as the card.
+        text = text_ids()
+        return join_ids(head, text[max(0, len(text) - room):], [self.eos_id])
 
     # ---- forward + postprocess -------------------------------------------------------------------------
 
@@ -138,6 +190,7 @@ class Qwen3Embedder(Qwen3Engine):
         return results
 
     def embed(self, inputs: list[str] | list[list[int]], instruction: str | None = None,
-              dimensions: int | None = None, truncate: bool = True) -> EmbedResult:
+              dimensions: int | None = None, truncate: bool = True, truncate_side: str = "end",
+              max_tokens: int | None = None) -> EmbedResult:
         """Convenience: tokenize and run one request."""
-        return self.run([self.tokenize(inputs, instruction, dimensions, truncate)])[0]
+        return self.run([self.tokenize(inputs, instruction, dimensions, truncate, truncate_side, max_tokens)])[0]

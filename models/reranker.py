@@ -14,6 +14,7 @@ head; the heads share passes too.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,15 +39,25 @@ def document_text(document: str) -> str:
 
 @dataclass
 class RerankJob:
-    """One request, tokenized: a shared head and one tail per document (document + SUFFIX)."""
+    """One request, tokenized: a shared head and, per document, one tail (document + SUFFIX) per window."""
 
     head_ids: TokenIds
-    tail_ids: list[TokenIds]
+    tail_ids: list[TokenIds]  # every document's windows, in order
+    # Windows of each document (a long document split into chunks has several); None: one each.
+    window_counts: list[int] | None = None
+
+    @property
+    def windows(self) -> list[int]:
+        return self.window_counts if self.window_counts is not None else [1] * len(self.tail_ids)
 
     @property
     def token_counts(self) -> list[int]:
-        """Tokens of each (query, document) prompt exactly as the model card would feed it."""
-        return [len(self.head_ids) + len(tail) for tail in self.tail_ids]
+        """Tokens of each document's prompts (one per window) exactly as the model card would feed them."""
+        counts, start = [], 0
+        for windows in self.windows:
+            counts.append(sum(len(self.head_ids) + len(tail) for tail in self.tail_ids[start:start + windows]))
+            start += windows
+        return counts
 
     @property
     def num_tokens(self) -> int:
@@ -55,10 +66,11 @@ class RerankJob:
 
 @dataclass
 class RerankResult:
-    scores: list[float]  # P(yes) per document, in input order
+    scores: list[float]  # P(yes) per document, in input order (a chunked document: its best window's)
     token_counts: list[int]
     # logit(P(yes)) = (W[yes] - W[no]) . h_last, kept exact for clients that ask for raw scores (TEI).
     logits: list[float]
+    windows: list[int]  # prompts scored per document: 1, or its chunks
 
 
 class Qwen3Reranker(Qwen3Engine):
@@ -96,13 +108,22 @@ class Qwen3Reranker(Qwen3Engine):
     # ---- tokenize --------------------------------------------------------------------------------------
 
     def tokenize(self, query: str, documents: list[str], instruction: str | None = None,
-                 max_tokens_per_doc: int | None = None, truncate: bool = True) -> RerankJob:
+                 max_tokens_per_doc: int | None = None, truncate: bool = True,
+                 max_chunks_per_doc: int = 1) -> RerankJob:
         """Build the official prompts. Only documents are truncated (from the right), as in the model card;
-        with `truncate=False` a document that does not fit max_length is refused instead."""
+        with `truncate=False` a document that does not fit max_length is refused instead.
+
+        With `max_chunks_per_doc` above 1, a document that does not fit is split into consecutive token windows
+        that each fit with the query head, up to that many, each scored as a document: window k is the
+        "<Document>:" marker and the document's tokens k * w .. (k + 1) * w - 1 after it (w: the room a window
+        has), so the first window is exactly what truncation keeps. Tokens past the last window are cut (or
+        refused, with `truncate=False`)."""
         if not documents:
             raise EngineInputError("documents must contain at least one document", param="documents")
         if max_tokens_per_doc is not None and max_tokens_per_doc < 1:
             raise EngineInputError("max_tokens_per_doc must be a positive integer", param="max_tokens_per_doc")
+        if isinstance(max_chunks_per_doc, bool) or not isinstance(max_chunks_per_doc, int) or max_chunks_per_doc < 1:
+            raise EngineInputError("max_chunks_per_doc must be a positive integer", param="max_chunks_per_doc")
         instruction = self.default_instruction if instruction is None else instruction
         head_ids = join_ids(self.prefix_ids, self.encode_text(query_head_text(query, instruction)))
         room = self.max_length - len(head_ids) - len(self.suffix_ids)
@@ -114,17 +135,30 @@ class Qwen3Reranker(Qwen3Engine):
         if max_tokens_per_doc is not None:
             # The cap counts the document's own tokens, after the "<Document>:" marker.
             room = min(room, self._min_document_tokens + max_tokens_per_doc)
+        marker = self._min_document_tokens
+        step = room - marker  # document tokens per window, after the marker
+        chunks = max_chunks_per_doc if step > 0 else 1
 
-        def tail(position: int, ids: list[int]) -> TokenIds:
-            if not truncate and len(ids) > room:
+        def windows(position: int, ids: list[int]) -> list[TokenIds]:
+            if len(ids) <= room:
+                needed = 1
+            elif step > 0:
+                needed = 1 + math.ceil((len(ids) - room) / step)
+            else:  # no room for a document token after the marker: it cannot be split
+                needed = 2
+            if not truncate and needed > chunks:
+                held = f"{chunks} windows of {room}" if chunks > 1 else f"the {room}"
                 raise EngineInputError(
-                    f"document {position} takes {len(ids)} tokens, more than the {room} that fit in "
+                    f"document {position} takes {len(ids)} tokens, more than {held} that fit in "
                     f"max_length {self.max_length} with this query; shorten it or allow truncation",
                     param="documents")
-            return join_ids(ids[:room], self.suffix_ids)
+            # ids[:marker] is the "<Document>:" marker (the space after it joins the next token).
+            return [join_ids(ids[:marker], ids[marker + k * step:marker + (k + 1) * step], self.suffix_ids)
+                    for k in range(min(needed, chunks))]
 
-        tails = self.encode_texts([document_text(d) for d in documents], tail, add_special_tokens=False)
-        return RerankJob(head_ids=head_ids, tail_ids=tails)
+        per_document = self.encode_texts([document_text(d) for d in documents], windows, add_special_tokens=False)
+        return RerankJob(head_ids=head_ids, tail_ids=[tail for tails in per_document for tail in tails],
+                         window_counts=[len(tails) for tails in per_document])
 
     # ---- forward + postprocess -------------------------------------------------------------------------
 
@@ -141,14 +175,21 @@ class Qwen3Reranker(Qwen3Engine):
         else:
             states = self.last_token_states([join_ids(jobs[owner].head_ids, tail)
                                              for owner, tail in zip(owners, tails)])
-        logits = self._logits(states).split([len(job.tail_ids) for job in jobs])
-        return [RerankResult(scores=torch.sigmoid(raw).tolist(), token_counts=job.token_counts, logits=raw.tolist())
-                for raw, job in zip(logits, jobs)]
+        results = []
+        for raw, job in zip(self._logits(states).split([len(job.tail_ids) for job in jobs]), jobs):
+            if job.window_counts is not None and len(job.window_counts) != len(job.tail_ids):
+                # A chunked document scores as its best window (sigmoid is monotonic: max logit = max score).
+                raw = torch.stack([windows.max() for windows in raw.split(job.window_counts)])
+            results.append(RerankResult(scores=torch.sigmoid(raw).tolist(), token_counts=job.token_counts,
+                                        logits=raw.tolist(), windows=job.windows))
+        return results
 
     def _logits(self, last_states: torch.Tensor) -> torch.Tensor:
         return (last_states @ self.score_direction).cpu()
 
     def rerank(self, query: str, documents: list[str], instruction: str | None = None,
-               max_tokens_per_doc: int | None = None, truncate: bool = True) -> RerankResult:
+               max_tokens_per_doc: int | None = None, truncate: bool = True,
+               max_chunks_per_doc: int = 1) -> RerankResult:
         """Convenience: tokenize and run one request."""
-        return self.run([self.tokenize(query, documents, instruction, max_tokens_per_doc, truncate)])[0]
+        return self.run([self.tokenize(query, documents, instruction, max_tokens_per_doc, truncate,
+                                       max_chunks_per_doc)])[0]

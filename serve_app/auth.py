@@ -1,9 +1,11 @@
-"""API-key authentication for the gateway: every route but /health needs `Authorization: Bearer <key>`.
+"""API-key authentication for the gateway: every route but the probes (/health, /ready) needs
+`Authorization: Bearer <key>`.
 
 Each gateway replica keeps the active keys' hashes in memory and reloads them every `key_refresh_s`, so a request
 costs one SHA-256 and a dict lookup, never a database round trip, and a revoked key stops working on every
 replica within seconds. An unknown key waits for a reload that started after it arrived (shared, at most 4 a
-second), so a key created a moment ago works at once.
+second), so a key created a moment ago works at once. Prepaid balances (serve_app/credit) are reloaded with the
+keys.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Callable
 
 from serve_app.errors import StoreUnavailable, Unauthorized
 from serve_app.periodic import Periodic
@@ -18,7 +21,7 @@ from serve_app.store import ApiKey, KeyStore, verify
 
 logger = logging.getLogger("ray.serve")
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/ready"})  # probes (serve_app/probes.py)
 MISS_RELOAD_MIN_INTERVAL_S = 0.25
 
 
@@ -30,8 +33,11 @@ def bearer_token(header: str | None) -> str | None:
 
 
 class KeyGuard:
-    def __init__(self, store: KeyStore, refresh_s: float):
+    def __init__(self, store: KeyStore, refresh_s: float, also_load: Callable[[], None] | None = None):
+        """`also_load` is read with the keys, in the same worker thread and right after them (the prepaid
+        balances: a key that is known is known with its balance)."""
         self.store = store
+        self.also_load = also_load
         self._known: dict[str, ApiKey] = {}
         self._loaded_at = 0.0
         self._lock = asyncio.Lock()
@@ -67,5 +73,11 @@ class KeyGuard:
             if unless_loaded_since is not None and self._loaded_at >= unless_loaded_since:
                 return  # another request's reload already read the store after ours arrived
             started = time.monotonic()
-            self._known = await asyncio.to_thread(self.store.active_by_hash)
+            self._known = await asyncio.to_thread(self._load)
             self._loaded_at = started
+
+    def _load(self) -> dict[str, ApiKey]:
+        known = self.store.active_by_hash()
+        if self.also_load is not None:
+            self.also_load()
+        return known

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from decimal import Decimal
 from typing import Any
 
 from fastapi import Request
@@ -55,14 +56,15 @@ def json_body(*schemas: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": body}}}}
 
 
-async def read_json(request: Request) -> Any:
-    """The body as JSON whatever the Content-Type says (curl -d sends form encoding; clients vary)."""
+async def read_json(request: Request, exact_numbers: bool = False) -> Any:
+    """The body as JSON whatever the Content-Type says (curl -d sends form encoding; clients vary). With
+    `exact_numbers`, JSON numbers with a fraction are read as Decimal (amounts of money), not float."""
     raw = await request.body()
     limit = body_limit(request)
     if len(raw) > limit:
         raise PayloadTooLarge(f"request body is {len(raw)} bytes; the limit is {limit}")
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_float=Decimal) if exact_numbers else json.loads(raw)
     except ValueError:
         raise InvalidRequest("request body is not valid JSON") from None
 
@@ -87,5 +89,5 @@ def ignored_fields_header(names: list[str]) -> str:
     return ", ".join(shown + ([f"({others} more)"] if others else []))
 
 
-async def parse_body(request: Request, schema: type[BaseModel]) -> Any:
-    return validate(request, await read_json(request), schema)
+async def parse_body(request: Request, schema: type[BaseModel], exact_numbers: bool = False) -> Any:
+    return validate(request, await read_json(request, exact_numbers), schema)

@@ -2,10 +2,13 @@
 replicas?
 
     python -m serve_app.capacity --config configs/prod.yaml --cluster cluster.yaml
+    python -m serve_app.capacity --cluster k8s/rayservice.yaml     # KubeRay: its own serveConfigV2
 
-checks the cluster file with Ray's own validator (what `ray up` runs, offline), then packs every replica of the
-validated Serve config onto the file's node types twice, at "min" (num_replicas, or autoscaling.min_replicas) and at
-"max" (num_replicas, or autoscaling.max_replicas), prints both plans and exits 1 if either does not fit.
+checks the cluster file with Ray's own validator (what `ray up` runs, offline), or a RayService manifest against
+KubeRay's CRD (serve_app/kuberay.py: its head and worker groups become node types, minReplicas..maxReplicas pods
+each), then packs every replica of the validated Serve config onto the file's node types twice, at "min"
+(num_replicas, or autoscaling.min_replicas) and at "max" (num_replicas, or autoscaling.max_replicas), prints both
+plans and exits 1 if either does not fit.
 
 How Ray places a replica, and so how the planner packs:
 - A replica asks for its deployment's `num_cpus` and `num_gpus`. Ray counts resources in fixed point, 1/10000 of a
@@ -144,7 +147,14 @@ class ClusterSpec:
 
 
 def load_cluster(path: str | Path) -> ClusterSpec:
-    return ClusterSpec.from_prepared(validate_cluster_config(load_cluster_file(path)))
+    """A cluster-launcher file checked by Ray's validator, or a KubeRay RayService manifest checked against its CRD
+    (serve_app/kuberay.py), as node types."""
+    raw = load_cluster_file(path)
+    if raw.get("kind") == "RayService":
+        from serve_app.kuberay import check_rayservice  # it builds on this module
+
+        return check_rayservice(raw)
+    return ClusterSpec.from_prepared(validate_cluster_config(raw))
 
 
 # ---- the Serve config's demand -------------------------------------------------------------------------------------
@@ -388,26 +398,40 @@ def plan_capacity(demands: list[DeploymentDemand], cluster: ClusterSpec, scale: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m serve_app.capacity",
-        description="Check a Ray cluster file with Ray's validator and pack a Serve config's replicas onto it, "
-                    "at the minimum and at the maximum replica counts. Exits 1 if either does not fit.")
-    parser.add_argument("--config", required=True, help="Serve config, e.g. configs/prod.yaml")
-    parser.add_argument("--cluster", required=True, help="Ray cluster-launcher file, e.g. cluster.yaml")
+        description="Check a Ray cluster file with Ray's validator (or a KubeRay RayService manifest against its "
+                    "CRD) and pack a Serve config's replicas onto it, at the minimum and at the maximum replica "
+                    "counts. Exits 1 if either does not fit.")
+    parser.add_argument("--config", help="Serve config, e.g. configs/prod.yaml (default for a RayService: its "
+                                         "serveConfigV2)")
+    parser.add_argument("--cluster", required=True,
+                        help="Ray cluster-launcher file (cluster.yaml) or RayService manifest (k8s/rayservice.yaml)")
     args = parser.parse_args(argv)
-    try:
-        config = load_config_file(args.config)  # its errors name the file
-    except (ValueError, OSError, yaml.YAMLError) as exc:
-        print(exc, file=sys.stderr)
-        return 1
     try:
         cluster = load_cluster(args.cluster)
     except (ClusterConfigError, OSError, yaml.YAMLError) as exc:
         print(f"{args.cluster}: {exc}", file=sys.stderr)
         return 1
+    config_name = args.config or f"{args.cluster} spec.serveConfigV2"
+    try:
+        if args.config is not None:
+            config = load_config_file(args.config)  # its errors name the file
+        elif cluster.provider == "kuberay":
+            from serve_app.kuberay import serve_config
+
+            config = serve_config(load_cluster_file(args.cluster))
+        else:
+            parser.error("--config is required with a cluster-launcher file")
+    except (ValueError, OSError, yaml.YAMLError) as exc:
+        print(f"{config_name}: {exc}", file=sys.stderr)
+        return 1
     demands = deployment_demands(config)
-    print(f"Cluster {args.cluster} ({cluster.name} on {cluster.provider}): "
-          f"valid for the cluster launcher of Ray {ray.__version__}")
+    if cluster.provider == "kuberay":
+        print(f"RayService {args.cluster} ({cluster.name}): valid against KubeRay's RayService CRD")
+    else:
+        print(f"Cluster {args.cluster} ({cluster.name} on {cluster.provider}): "
+              f"valid for the cluster launcher of Ray {ray.__version__}")
     print("\n".join(cluster.describe()))
-    print(f"Serve config {args.config}: per replica, and replicas at min..max")
+    print(f"Serve config {config_name}: per replica, and replicas at min..max")
     print("\n".join(demand.describe() for demand in demands))
     plans = [plan_capacity(demands, cluster, scale) for scale in SCALES]
     for plan in plans:

@@ -18,20 +18,24 @@ Why one application per model: Ray Serve restarts every deployment of an applica
 only; the gateway finds models at run time (serve_app/directory.py), so its args never list them.
 
 Serve silently drops misspelled deployment options, so this module validates the *whole* file with
-`extra="forbid"` everywhere: `python -m serve_app.config configs/prod.yaml` checks a file, and every builder
-validates its own `args` again when Serve imports it. Errors name the bad key, e.g.
-`applications.1.args.batching.token_budgt: Extra inputs are not permitted`.
+`extra="forbid"` everywhere: `python -m serve_app.config configs/prod.yaml` checks a file (`--fetch` also fetches
+its models' weights), and every builder validates its own `args` again when Serve imports it. Errors name the bad
+key, e.g. `applications.1.args.batching.token_budgt: Extra inputs are not permitted`.
 """
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
+from decimal import Decimal, localcontext
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from serve_app.credit.amounts import EXACT
 
 MODEL_IMPORT_PATH = "serve_app.app:model_app"
 GATEWAY_IMPORT_PATH = "serve_app.app:gateway_app"
@@ -160,23 +164,37 @@ class DeploymentOptions(Strict):
 
 
 class Price(Strict):
-    """What usage of a model costs, priced the way hosted APIs price these models (the usage report multiplies)."""
+    """What usage of a model costs, priced the way hosted APIs price these models: the gateway debits prepaid keys
+    by it (serve_app/credit) and the usage report multiplies it out. Exact decimals (a YAML 0.05 is the decimal
+    0.05), with at most as many decimal places as make the cost of one document or one token a whole number of
+    the credit store's 10^-12 units, so no cost is ever rounded."""
 
-    per_1k_documents: float | None = Field(default=None, ge=0)  # rerankers: per 1,000 documents
-    per_1m_tokens: float | None = Field(default=None, ge=0)  # embedders: per 1M input tokens
+    per_1k_documents: Decimal | None = Field(default=None, ge=0, decimal_places=9)  # rerankers: per 1,000 documents
+    per_1m_tokens: Decimal | None = Field(default=None, ge=0, decimal_places=6)  # embedders: per 1M input tokens
     # Batch API usage costs this fraction of the price (OpenAI charges batches half).
-    batch_factor: float = Field(default=1.0, ge=0, le=1)
+    batch_factor: Decimal = Field(default=Decimal(1), ge=0, le=1, decimal_places=3)
 
     @model_validator(mode="after")
     def _some_price(self) -> "Price":
         if self.per_1k_documents is None and self.per_1m_tokens is None:
             raise ValueError("a price needs per_1k_documents (rerankers) or per_1m_tokens (embedders)")
+        # The batch price must stay a whole number of 10^-12 units per document and per token, like the price.
+        with localcontext(EXACT):
+            for rate, places in ((self.per_1k_documents, 9), (self.per_1m_tokens, 6)):
+                if rate is not None and -(rate * self.batch_factor).normalize().as_tuple().exponent > places:
+                    raise ValueError(f"batch_factor {self.batch_factor} times {rate} needs more than {places} "
+                                     "decimal places; the credit store could not hold that cost exactly")
         return self
 
-    def amount(self, documents: int, input_tokens: int, batch: bool = False) -> float:
-        amount = (documents / 1000 * (self.per_1k_documents or 0.0)
-                  + input_tokens / 1_000_000 * (self.per_1m_tokens or 0.0))
-        return amount * self.batch_factor if batch else amount
+    def cost(self, usage: Mapping[str, Any]) -> Decimal:
+        """The exact cost of a usage row (a ledger row, or a model's totals over rows): its documents at
+        per_1k_documents plus its input tokens at per_1m_tokens, times batch_factor for Batch API usage (a row
+        with a `batch_id`, or report totals with `batch` true). It takes the row, not two counts, so that what
+        else a row says can price it too."""
+        with localcontext(EXACT):
+            cost = ((Decimal(usage["documents"]) * (self.per_1k_documents or 0)).scaleb(-3)
+                    + (Decimal(usage["input_tokens"]) * (self.per_1m_tokens or 0)).scaleb(-6))
+            return cost * self.batch_factor if usage.get("batch_id") or usage.get("batch") else cost
 
 
 class ModelConfig(Strict):
@@ -200,8 +218,18 @@ class ModelConfig(Strict):
     cpu_threads: int | None = Field(default=None, ge=1)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
-    # Optional: turns the usage report's totals into amounts owed (python -m serve_app.usage --config ...).
+    # Optional: what a request costs prepaid keys (debited from their credit) and the amounts in the usage report
+    # (python -m serve_app.usage --config ...). No price: the model costs nothing.
     price: Price | None = None
+    # Rerankers: how many token windows a document too long for max_length is split into when a request does not
+    # say (Cohere's max_chunks_per_doc); each is scored as a document and the document gets the best score.
+    # None: one window, i.e. cut as the model card does.
+    max_chunks_per_doc: int | None = Field(default=None, ge=1)
+    # Embedders: the file that fixes this model's int8/uint8 ranges, made once from the shipped calibration corpus
+    # by `python -m serve_app.quantization.calibration` (a local path, as `source`). None: int8 and uint8
+    # embeddings are refused (400); float, base64 and binary need none. With build_offline, a missing file is made
+    # at start-up (offline test models only: the ranges of real weights must come from one reviewed file).
+    calibration: str | None = None
 
     @field_validator("source")
     @classmethod
@@ -215,6 +243,18 @@ class ModelConfig(Strict):
     def _offline_needs_local_path(self) -> "ModelConfig":
         if self.build_offline and not is_local_path(self.source):
             raise ValueError("build_offline needs a local path as source")
+        return self
+
+    @model_validator(mode="after")
+    def _task_options(self) -> "ModelConfig":
+        if self.max_chunks_per_doc is not None and self.task != "rerank":
+            raise ValueError("max_chunks_per_doc applies to rerank models only")
+        if self.calibration is not None:
+            if self.task != "embed":
+                raise ValueError("calibration applies to embed models only")
+            if not is_local_path(self.calibration):
+                raise ValueError(f"calibration {self.calibration!r} must be a local path (start it with '/', "
+                                 "'./', '../' or '~')")
         return self
 
     @property
@@ -433,17 +473,42 @@ def load_config_file(path: str | Path) -> ServeConfigFile:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m serve_app.config FILE...`: check config files before deploying them."""
+    """`python -m serve_app.config [--fetch] FILE...`: check config files before deploying them."""
+    parser = argparse.ArgumentParser(prog="python -m serve_app.config",
+                                     description="Check Serve config files against the schema (exit 1 if any fails).")
+    parser.add_argument("files", nargs="+", metavar="FILE")
+    parser.add_argument("--fetch", action="store_true",
+                        help="also fetch every model's weights (hub ids into the Hugging Face cache the replicas "
+                             "read, offline checkpoints built), several at once; exit 1, one line per model, if any "
+                             "cannot be had. `make serve` runs this before Serve starts.")
+    args = parser.parse_args(argv)
     status = 0
-    for path in (argv if argv is not None else sys.argv[1:]):
+    for path in args.files:
         try:
             config = load_config_file(path)
         except (ValueError, OSError) as exc:
             print(exc, file=sys.stderr)
             status = 1
             continue
-        print(f"{path}: ok ({', '.join(m.name for m in config.model_configs())})")
+        print(f"{path}: ok ({', '.join(m.name for m in config.model_configs())})", flush=True)
+        if args.fetch and not fetch_all_weights(path, config):
+            status = 1
     return status
+
+
+def fetch_all_weights(path: str | Path, config: ServeConfigFile) -> bool:
+    from serve_app.loading import prefetch_weights  # huggingface_hub, only when asked for
+
+    models = config.model_configs()
+    print(f"{path}: fetching the weights of {len(models)} models", flush=True)
+    failures = [message for message in prefetch_weights(models).values() if message is not None]
+    for message in failures:
+        print(message, file=sys.stderr)
+    if failures:
+        print(f"{path}: {len(failures)} of {len(models)} models have no weights; not ready to serve", file=sys.stderr)
+        return False
+    print(f"{path}: weights ready for {', '.join(m.name for m in models)}")
+    return True
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from ray import serve
 from models.errors import EngineInputError
 from serve_app.config import MODEL_DEPLOYMENT_NAME, BatchingConfig, ModelConfig
 from serve_app.errors import InternalError, InvalidRequest, Overloaded
-from serve_app.loading import load_engine
+from serve_app.loading import load_calibration, load_engine
 from serve_app.metrics import ModelMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -80,6 +80,8 @@ class ModelServer:
     def __init__(self, config: dict[str, Any]):
         self.config = ModelConfig.model_validate(config)
         self.engine, self.facts = load_engine(self.config)
+        # An embedder's fixed int8/uint8 ranges (None: not calibrated, those types are refused).
+        self.calibration = load_calibration(self.config, self.engine) if self.config.task == "embed" else None
         # One thread runs the model (forward passes never overlap, so they never fight over cores or GPU
         # memory); another tokenizes while the model runs.
         self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
@@ -121,29 +123,45 @@ class ModelServer:
     # ---- requests -----------------------------------------------------------------------------------------
 
     async def describe(self) -> dict[str, Any]:
+        # The price as decimal text: only text and numbers cross the hop, and the gateway debits by it exactly.
+        price = self.config.price.model_dump(mode="json", exclude_none=True) if self.config.price else None
         return {**self.facts, "name": self.config.name, "aliases": list(self.config.aliases),
-                "token_budget": self.engine.token_budget}
+                "token_budget": self.engine.token_budget, "price": price}
 
     async def rerank(self, query: str, documents: list[str], instruction: str | None = None,
-                     max_tokens_per_doc: int | None = None, truncate: bool = True, *,
-                     background: bool = False) -> dict[str, Any]:
+                     max_tokens_per_doc: int | None = None, truncate: bool = True,
+                     max_chunks_per_doc: int | None = None, *, background: bool = False) -> dict[str, Any]:
+        """`max_chunks_per_doc` None: the model's default (config), else one window (truncation). `background`:
+        a Batch API line, which yields to online requests (see `_admitted` and `_submit`)."""
         self._require_task("rerank")
+        chunks = max_chunks_per_doc or self.config.max_chunks_per_doc or 1
         with self._admitted(background):
             size = len(query) + sum(map(len, documents))
             job = await self._tokenize(size, self.engine.tokenize, query, documents, instruction,
-                                       max_tokens_per_doc, truncate)
+                                       max_tokens_per_doc, truncate, chunks)
             result = await self._submit(job, background)
-        return {"scores": result.scores, "logits": result.logits, "token_counts": result.token_counts}
+        return {"scores": result.scores, "logits": result.logits, "token_counts": result.token_counts,
+                "windows": result.windows}
 
     async def embed(self, inputs: list[str] | list[list[int]], instruction: str | None = None,
-                    dimensions: int | None = None, truncate: bool = True, *,
+                    dimensions: int | None = None, truncate: bool = True, truncate_side: str = "end",
+                    max_tokens: int | None = None, with_ranges: bool = False, *,
                     background: bool = False) -> dict[str, Any]:
+        """`with_ranges`: also return the fixed int8/uint8 ranges (lo, hi) of the request's dimension setting."""
         self._require_task("embed")
+        if with_ranges and self.calibration is None:
+            raise InvalidRequest(f"int8 and uint8 embeddings need fixed quantization ranges, and model "
+                                 f"{self.config.name!r} has no calibration file (config `calibration`, made with "
+                                 "`python -m serve_app.quantization.calibration`); float, base64, binary and "
+                                 "ubinary need none", param="embedding_types", code="not_calibrated")
         with self._admitted(background):
             job = await self._tokenize(sum(map(len, inputs)), self.engine.tokenize, inputs, instruction, dimensions,
-                                       truncate)
+                                       truncate, truncate_side, max_tokens)
             result = await self._submit(job, background)
-        return {"embeddings": result.embeddings, "token_counts": result.token_counts}
+        answer = {"embeddings": result.embeddings, "token_counts": result.token_counts}
+        if with_ranges:
+            answer["ranges"] = self.calibration.ranges(job.dimensions)
+        return answer
 
     async def stats(self) -> dict[str, Any]:
         """Batching counters (how many jobs shared forward passes), the requests inside this replica now, and where

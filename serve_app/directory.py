@@ -5,6 +5,10 @@ list as args: it asks the Serve controller which applications run a `ModelServer
 to describe itself (name, aliases, task, limits) and keeps a handle to it. The table refreshes in the background
 every `refresh_s` and at once when a request names a model it does not know, so a model added with
 `serve deploy` is served within seconds and the gateway never restarts for it.
+
+Readiness comes from the same listing: a model application that is deployed but has no running replica yet (its
+weights are loading) is *starting*. A request naming it gets 503 with Retry-After instead of a 404, and `/ready`
+(serve_app/probes.py) answers 503 until no model is starting.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, NamedTuple
 
 from serve_app.config import MODEL_DEPLOYMENT_NAME
-from serve_app.errors import InvalidRequest, ModelNotFound
+from serve_app.errors import InvalidRequest, ModelNotFound, ModelStarting
 from serve_app.periodic import Periodic
 
 logger = logging.getLogger("ray.serve")
@@ -27,6 +31,9 @@ logger = logging.getLogger("ray.serve")
 # busy 2-core test machine.
 DESCRIBE_TIMEOUT_S = 5.0
 MISS_REFRESH_MIN_INTERVAL_S = 0.5
+# Retry-After for a model that is starting: loading weights takes seconds (tiny) to minutes (8B from the hub), so a
+# client polling every second would only add load to a gateway that cannot help it yet.
+STARTING_RETRY_AFTER_S = 5
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,19 @@ class ModelEntry:
 class ModelApp(NamedTuple):
     deployed_at: float  # the application's last deploy time
     running: bool  # at least one replica is up (it can describe itself)
+    # The model's name and aliases from the application's deployed config, known before any replica runs; empty
+    # when Serve has no config for it (an application deployed from Python).
+    names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Readiness:
+    models: list[str]  # every deployed model application's model, by name
+    starting: list[str]  # those without a running replica the gateway can call yet
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.models) and not self.starting
 
 
 def serve_model_apps() -> dict[str, ModelApp]:
@@ -69,8 +89,17 @@ def serve_model_apps() -> dict[str, ModelApp]:
         if deployment is None or app.get("status") == "DELETING":
             continue
         running = any(replica.get("state") == "RUNNING" for replica in deployment.get("replicas", []))
-        deployed[app_name] = ModelApp(app["last_deployed_time_s"], running)
+        deployed[app_name] = ModelApp(app["last_deployed_time_s"], running, configured_names(app))
     return deployed
+
+
+def configured_names(app: dict[str, Any]) -> tuple[str, ...]:
+    """The served names in an application's deployed config (its ModelConfig args): the model's name first."""
+    args = (app.get("deployed_app_config") or {}).get("args") or {}
+    name, aliases = args.get("name"), args.get("aliases") or []
+    if not isinstance(name, str) or not isinstance(aliases, list):
+        return ()
+    return (name, *(alias for alias in aliases if isinstance(alias, str)))
 
 
 def serve_app_handle(app_name: str):
@@ -90,20 +119,25 @@ class ModelDirectory:
         self._entries: dict[str, ModelEntry] = {}  # by application name
         self._by_name: dict[str, ModelEntry] = {}  # by served name and alias
         self._lock = asyncio.Lock()
-        self._refreshed_at = 0.0
+        self._refreshed_at = 0.0  # when the last refresh finished (monotonic)
+        self._listed = False  # a refresh has listed the deployed applications at least once
         self._undescribed: set[str] = set()  # running applications the last refresh could not describe
+        self._deployed: dict[str, ModelApp] = {}  # the last listing, by application name
+        self._starting: dict[str, str] = {}  # served name -> model name, for deployed models not in the table yet
         self._refresher = Periodic(self.refresh, refresh_s, "the model table")
 
     # ---- lookups ------------------------------------------------------------------------------------------
 
     async def resolve(self, name: str, task: str) -> ModelEntry:
-        """The model a request names; 404 listing the served names when unknown, 400 for the wrong task."""
+        """The model a request names; 503 while its application starts, 404 listing the served names when no
+        application serves it, 400 for the wrong task."""
         self._refresher.ensure_started()
         entry = self._by_name.get(name)
         if entry is None and self._refresh_allowed():
-            await self.refresh()
+            await self.refresh(unless_since=time.monotonic())
             entry = self._by_name.get(name)
         if entry is None:
+            self.raise_if_starting(name)
             raise ModelNotFound(f"model {name!r} does not exist; served models: {self.names_text()}",
                                 param="model")
         if entry.task != task:
@@ -111,6 +145,13 @@ class ModelDirectory:
             raise InvalidRequest(f"model {name!r} is a {entry.task} model; {task} models: "
                                  f"{', '.join(same_task) or 'none'}", param="model", code="wrong_model_task")
         return entry
+
+    def raise_if_starting(self, name: str) -> None:
+        """503 with Retry-After when `name` belongs to a deployed model that no replica serves yet."""
+        if name in self._starting:
+            raise ModelStarting(f"model {self._starting[name]!r} is starting (no replica is running yet); retry in "
+                                f"{STARTING_RETRY_AFTER_S} s", param="model",
+                                headers={"Retry-After": str(STARTING_RETRY_AFTER_S)})
 
     async def only_model(self, task: str) -> ModelEntry:
         """For clients that send no model (TEI): the single model of that task."""
@@ -123,8 +164,26 @@ class ModelDirectory:
     async def entries(self) -> list[ModelEntry]:
         self._refresher.ensure_started()
         if not self._entries or (self._undescribed and self._refresh_allowed()):
-            await self.refresh()
+            await self.refresh(unless_since=time.monotonic())
         return sorted(self._entries.values(), key=lambda e: e.name)
+
+    async def readiness(self) -> Readiness:
+        """Which deployed models the gateway can call now, and which are still starting. Answers from the latest
+        listing (at most refresh_s old), refreshed first while something is starting, at most every
+        MISS_REFRESH_MIN_INTERVAL_S: probes need no authentication, so they must not reach the controller more
+        often than that however often they come."""
+        self._refresher.ensure_started()
+        if not self._listed or (not self._readiness().ready and self._refresh_allowed()):
+            await self.refresh(unless_since=time.monotonic())
+        return self._readiness()
+
+    def _readiness(self) -> Readiness:
+        def model_name(app: str) -> str:
+            return self._deployed[app].names[0] if self._deployed[app].names else app
+
+        return Readiness(models=sorted(model_name(app) for app in self._deployed),
+                         starting=sorted(model_name(app) for app, info in self._deployed.items()
+                                         if not info.running or app not in self._entries))
 
     def was_removed(self, entry: ModelEntry) -> bool:
         """True once a refresh finds the application behind `entry` deleted (a replica restart does not count)."""
@@ -138,8 +197,13 @@ class ModelDirectory:
 
     # ---- refresh ------------------------------------------------------------------------------------------
 
-    async def refresh(self) -> None:
+    async def refresh(self, unless_since: float | None = None) -> None:
+        """List the deployed applications and describe new ones. With `unless_since` (a monotonic time), skip it
+        if a refresh finished after that time while this one waited for the lock: a burst of callers shares the
+        listing that was under way when they came."""
         async with self._lock:
+            if unless_since is not None and self._refreshed_at >= unless_since:
+                return
             deployed = await asyncio.to_thread(self._list_apps)
             fresh, to_describe = {}, []
             for app, info in deployed.items():
@@ -165,6 +229,12 @@ class ModelDirectory:
             self._entries = fresh
             self._by_name = {name: entry for entry in fresh.values() for name in entry.served_names}
             self._undescribed = undescribed
+            self._deployed = deployed
+            # Served names of deployed models the table cannot route to yet: their config's names, and the
+            # application's name (= the model's name in our configs) for applications deployed without one.
+            self._starting = {served: (info.names or (app,))[0] for app, info in deployed.items() if app not in fresh
+                              for served in {*info.names, app}}
+            self._listed = True
             self._refreshed_at = time.monotonic()
 
     async def _describe_app(self, app_name: str, deployed_at: float) -> ModelEntry | None:

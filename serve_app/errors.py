@@ -75,6 +75,13 @@ class RateLimited(ServingError):
     status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
 
 
+class InsufficientQuota(ServingError):
+    """The key's prepaid credit is spent (balance at or below zero): OpenAI's answer for an exhausted quota. Not
+    worth retrying until someone tops the key up, so the openai SDK is told not to (x-should-retry)."""
+
+    status, type, code = 429, "insufficient_quota", "insufficient_quota"
+
+
 class InternalError(ServingError):
     status, type, code = 500, "server_error", "internal_error"
 
@@ -87,6 +94,12 @@ class Overloaded(ServingError):
 
 class ModelUnavailable(ServingError):
     status, type, code = 503, "server_error", "model_unavailable"
+
+
+class ModelStarting(ModelUnavailable):
+    """The model's application is deployed but no replica runs yet (weights loading): retry later, not a 404."""
+
+    code = "model_starting"
 
 
 class RequestTimeout(ServingError):
@@ -105,5 +118,6 @@ def status_table() -> dict[str, int]:
     """Kind -> status, for the README and the tests."""
     kinds = [InvalidRequest, Unauthorized, Forbidden, NotFound, ModelNotFound, MethodNotAllowed, IdempotencyConflict,
              PayloadTooLarge,
-             RateLimited, InternalError, Overloaded, ModelUnavailable, RequestTimeout, StoreUnavailable]
+             RateLimited, InsufficientQuota, InternalError, Overloaded, ModelUnavailable, ModelStarting,
+             RequestTimeout, StoreUnavailable]
     return {kind.__name__: kind.status for kind in kinds}

@@ -6,19 +6,22 @@ errors, same model call, same response. What differs stays with the carrier: the
 the ledger before answering and adds headers; the runner bills the lines of a checkpoint in one transaction and
 writes them to the output file.
 
-Adding an endpoint (e.g. Cohere's POST /v2/embed) is one entry in ENDPOINTS: its wire schema and a handler that
-takes the parsed body and a `RequestContext` and returns `Served`.
+An endpoint is an `Endpoint`: its wire schema and a handler that takes the parsed body and a `RequestContext` and
+returns `Served`. OpenAI's embeddings and the Cohere / Jina / vLLM rerank are here; Cohere's /v2/embed is in
+serve_app/cohere_embed.py; serve_app/endpoints.py lists the ones a request (and a batch) can name.
+
+Prepaid credit (serve_app/credit) is checked where a request resolves its model, before any model call, so every
+endpoint and both carriers refuse a spent key the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import numpy as np
 from pydantic import BaseModel
@@ -28,7 +31,12 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from serve_app import protocol
 from serve_app.config import GatewayConfig
 from serve_app.directory import ModelDirectory, ModelEntry
-from serve_app.errors import ModelNotFound, ModelUnavailable, Overloaded, PayloadTooLarge, RequestTimeout, ServingError
+from serve_app.errors import (InvalidRequest, ModelNotFound, ModelUnavailable, Overloaded, PayloadTooLarge,
+                              RequestTimeout, ServingError)
+from serve_app.quantization import base64_float32
+
+if TYPE_CHECKING:
+    from serve_app.credit.gateway import CreditGuard
 
 logger = logging.getLogger("ray.serve")
 
@@ -66,14 +74,16 @@ class ModelCalls:
 
     `call_options` go with every handle call (the runner sends `background=True`, so model replicas run its work
     only when no online request waits); `admit(model)` is an async context manager around each call (the runner
-    bounds its calls in flight per model with it)."""
+    bounds its calls in flight per model with it); `credit` refuses prepaid keys whose credit is spent and learns
+    the price of each model a request resolves to (what its debit is computed with)."""
 
     def __init__(self, directory: ModelDirectory, config: GatewayConfig, *, call_options: dict[str, Any] | None = None,
-                 admit: Callable[[str], Any] | None = None):
+                 admit: Callable[[str], Any] | None = None, credit: CreditGuard | None = None):
         self.directory = directory
         self.config = config
         self.call_options = call_options or {}
         self.admit = admit
+        self.credit = credit
 
     async def call(self, entry: ModelEntry, method: str, *args) -> dict[str, Any]:
         if self.admit is None:
@@ -135,10 +145,12 @@ class ModelCalls:
 
 @dataclass
 class RequestContext:
-    """One request's view of its carrier: its ledger id, and the model it resolved to (a metrics label)."""
+    """One request's view of its carrier: its ledger id, its API key's id (None with auth off), and the model it
+    resolved to (a metrics label)."""
 
     calls: ModelCalls
     request_id: str
+    key_id: str | None = None
     model: str | None = None
 
     @property
@@ -146,10 +158,16 @@ class RequestContext:
         return self.calls.config
 
     async def resolve(self, name: str | None, task: str) -> ModelEntry:
-        """The model a request names; no name (TEI's body) means the one model of that task."""
+        """The model a request names; no name (TEI's body) means the one model of that task. Every endpoint
+        resolves its model before calling it, so this is where a key whose credit is spent is refused (429)."""
+        credit = self.calls.credit
+        if credit is not None and self.key_id is not None:
+            credit.admit(self.key_id)
         directory = self.calls.directory
         entry = await (directory.resolve(name, task) if name is not None else directory.only_model(task))
         self.model = entry.name  # only served names, never what a client typed
+        if credit is not None:
+            credit.pricing.note(entry)  # the price this request's debit is computed with
         return entry
 
     async def call(self, entry: ModelEntry, method: str, *args) -> dict[str, Any]:
@@ -170,10 +188,12 @@ class Usage:
     documents: int = 0
     embeddings: int = 0
     dimensions: int | None = None
+    windows: int | None = None  # rerank prompts scored, when documents were split into chunks
 
     @property
     def search_units(self) -> int:
-        return search_units(self.documents)
+        """Cohere bills chunks: each window counts as a document."""
+        return search_units(self.documents if self.windows is None else self.windows)
 
 
 @dataclass(frozen=True)
@@ -184,37 +204,53 @@ class Served:
 
 # ---- the handlers -------------------------------------------------------------------------------------------
 
-async def serve_embeddings(body: protocol.EmbeddingRequest, context: RequestContext) -> Served:
-    inputs = body.inputs()
+async def embed_inputs(context: RequestContext, model: str, inputs: list[str] | list[list[int]], *, param: str,
+                       instruction: str | None = None, dimensions: int | None = None, truncate: bool = True,
+                       truncate_side: str = "end", max_tokens: int | None = None,
+                       with_ranges: bool = False) -> tuple[ModelEntry, dict[str, Any], Usage]:
+    """What every embeddings endpoint does (OpenAI's, Cohere's): the input limit (413 naming `param`), the model,
+    one model call. Returns the model, its answer (float32 vectors, token counts and, with `with_ranges`, the
+    model's fixed int8/uint8 ranges for these dimensions) and the usage to bill."""
     if len(inputs) > context.config.max_embedding_inputs:
         raise PayloadTooLarge(f"{len(inputs)} inputs; at most {context.config.max_embedding_inputs} per request",
-                              param="input")
-    entry = await context.resolve(body.model, "embed")
-    out = await context.call(entry, "embed", inputs, body.instruction, body.dimensions, body.truncate)
+                              param=param)
+    entry = await context.resolve(model, "embed")
+    out = await context.call(entry, "embed", inputs, instruction, dimensions, truncate, truncate_side, max_tokens,
+                             with_ranges)
+    usage = Usage(entry.name, sum(out["token_counts"]), embeddings=len(inputs),
+                  dimensions=int(out["embeddings"].shape[1]))
+    return entry, out, usage
+
+
+async def serve_embeddings(body: protocol.EmbeddingRequest, context: RequestContext) -> Served:
+    """OpenAI's embeddings."""
+    entry, out, usage = await embed_inputs(context, body.model, body.inputs(), param="input",
+                                           instruction=body.instruction, dimensions=body.dimensions,
+                                           truncate=body.truncate)
     vectors: np.ndarray = out["embeddings"]
-    if body.encoding_format == "base64":
-        # Little-endian float32 bytes: exactly what the openai SDK decodes.
-        encoded = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in vectors]
-    else:
-        encoded = vectors.tolist()
-    tokens = sum(out["token_counts"])
+    encoded = base64_float32(vectors) if body.encoding_format == "base64" else vectors.tolist()
     return Served({
         "object": "list",
         "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(encoded)],
         "model": entry.name,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    }, Usage(entry.name, tokens, embeddings=len(inputs), dimensions=int(vectors.shape[1])))
+        "usage": {"prompt_tokens": usage.input_tokens, "total_tokens": usage.input_tokens},
+    }, usage)
 
 
 async def serve_rerank(body: protocol.RerankRequest, context: RequestContext) -> Served:
-    """Cohere v2 / Jina / vLLM rerank."""
+    """Cohere v2 / Jina / vLLM / Voyage rerank."""
     documents = body.document_texts()
     context.check_document_count(len(documents), "documents")
+    if body.top_n is not None and body.top_k is not None and body.top_n != body.top_k:
+        raise InvalidRequest(f"top_k is Voyage's name for top_n: send one (got top_n {body.top_n}, top_k "
+                             f"{body.top_k})", param="top_k")
     entry = await context.resolve(body.model, "rerank")
-    out = await context.call(entry, "rerank", body.query, documents, body.instruction, body.max_tokens_per_doc)
+    out = await context.call(entry, "rerank", body.query, documents, body.instruction, body.max_tokens_per_doc,
+                             True, body.max_chunks_per_doc)
     tokens = sum(out["token_counts"])
+    usage = Usage(entry.name, tokens, documents=len(documents), windows=sum(out["windows"]))
     results = []
-    for index in rank(out["scores"], body.top_n):
+    for index in rank(out["scores"], body.top_n if body.top_n is not None else body.top_k):
         result: dict[str, Any] = {"index": index, "relevance_score": out["scores"][index]}
         if body.return_documents:
             result["document"] = {"text": documents[index]}
@@ -224,8 +260,8 @@ async def serve_rerank(body: protocol.RerankRequest, context: RequestContext) ->
         "model": entry.name,
         "results": results,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        "meta": {"billed_units": {"search_units": search_units(len(documents))}},
-    }, Usage(entry.name, tokens, documents=len(documents)))
+        "meta": {"billed_units": {"search_units": usage.search_units}},
+    }, usage)
 
 
 @dataclass(frozen=True)
@@ -234,9 +270,5 @@ class Endpoint:
     serve: Callable[[Any, RequestContext], Awaitable[Served]]
 
 
-# Endpoint path -> (body schema, handler): what the HTTP routes and the batch runner share. A batch may name any of
-# these paths as its `endpoint`.
-ENDPOINTS: dict[str, Endpoint] = {
-    "/v1/embeddings": Endpoint(protocol.EmbeddingRequest, serve_embeddings),
-    "/v1/rerank": Endpoint(protocol.RerankRequest, serve_rerank),
-}
+EMBEDDINGS = Endpoint(protocol.EmbeddingRequest, serve_embeddings)
+RERANK = Endpoint(protocol.RerankRequest, serve_rerank)

@@ -2,15 +2,18 @@
 
 Routes (design.md section 5):
     POST /v1/embeddings, /embeddings            OpenAI embeddings
-    POST /v1/rerank, /v2/rerank, /rerank        Cohere v2 / Jina / vLLM rerank; TEI's body on /rerank
+    POST /v2/embed                              Cohere v2 embed, compressed types too (serve_app/cohere_embed.py)
+    POST /v1/rerank, /v2/rerank, /rerank        Cohere v2 / Jina / vLLM / Voyage rerank; TEI's body on /rerank
     GET  /v1/models, /v1/models/{id}            OpenAI model objects
-    GET  /v1/usage                              the caller's usage totals (every key's for an admin key)
+    GET  /v1/usage                              the caller's usage totals and credit (every key's for an admin key)
     GET, POST /v1/admin/keys, DELETE /v1/admin/keys/{id}   key management, admin keys only (serve_app/admin.py)
+    GET, POST /v1/admin/keys/{id}/credit        a key's credit journal; top-ups and adjustments
     /v1/files, /v1/batches                      the OpenAI Batch API (serve_app/batches/)
-    GET  /health                                liveness, no auth
+    GET  /health, /ready                        liveness and readiness, no auth (serve_app/probes.py)
 
 Every served request is written to the usage ledger (serve_app/ledger.py) before its response is sent, and that
-response carries its ledger id in `X-Usage-Id` (Serve's own X-Request-ID is its trace id, kept in the row). Every
+response carries its ledger id in `X-Usage-Id` (Serve's own X-Request-ID is its trace id, kept in the row). A
+prepaid key is debited in that same transaction, and refused (429) once its credit is spent (serve_app/credit). Every
 error leaves as {"error": {"message", "type", "param", "code"}} with the status of its kind (serve_app/errors.py);
 client mistakes are 4xx, never 5xx. Bodies are parsed in serve_app/bodies.py; what happens to a parsed body (model
 lookup, handle call, response shaping) is serve_app/handling.py, shared with the batch runner.
@@ -31,17 +34,19 @@ from ray import serve
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app import admin, protocol
+from serve_app import admin, cohere_embed, probes, protocol
 from serve_app.batches import routes as batch_routes
 from serve_app.batches.service import BatchService
 from serve_app.auth import OPEN_PATHS, KeyGuard
 from serve_app.bodies import (body_limit, ignored_fields_header, json_body, parse_body, read_json, validate,
                               validation_error)
 from serve_app.config import GATEWAY_DEPLOYMENT_NAME, GatewayConfig
+from serve_app.credit.book import CreditBook
+from serve_app.credit.gateway import CreditGuard
 from serve_app.directory import ModelDirectory, ModelEntry
 from serve_app.errors import (IdempotencyConflict, InternalError, InvalidRequest, MethodNotAllowed, ModelNotFound,
                               NotFound, PayloadTooLarge, RateLimited, ServingError, StoreUnavailable)
-from serve_app.handling import ENDPOINTS, Endpoint, ModelCalls, RequestContext, Served, Usage, rank
+from serve_app.handling import EMBEDDINGS, RERANK, Endpoint, ModelCalls, RequestContext, Served, Usage, rank
 from serve_app.ledger import (MAX_IDEMPOTENCY_KEY_CHARS, Ledger, UsageRecord, fingerprint, request_id, sum_totals,
                               usage_totals)
 from serve_app.metrics import GatewayMetrics
@@ -54,6 +59,8 @@ logger = logging.getLogger("ray.serve")
 api = FastAPI(title="qwen3-serve", version="0.1.0",
               description="Qwen3-Reranker and Qwen3-Embedding behind OpenAI, Cohere, Jina and TEI routes.")
 api.include_router(admin.router)
+api.include_router(probes.router)
+api.include_router(cohere_embed.router)
 api.include_router(batch_routes.router)
 
 
@@ -207,7 +214,8 @@ async def serve_tei_rerank(body: protocol.TEIRerankRequest, context: RequestCont
         if body.return_text:
             item["text"] = body.texts[index]
         ranks.append(item)
-    return Served(ranks, Usage(entry.name, sum(out["token_counts"]), documents=len(body.texts)))
+    return Served(ranks, Usage(entry.name, sum(out["token_counts"]), documents=len(body.texts),
+                               windows=sum(out["windows"])))
 
 
 TEI_RERANK = Endpoint(protocol.TEIRerankRequest, serve_tei_rerank)
@@ -223,9 +231,12 @@ class Gateway:
         api.state.max_body_bytes = self.config.max_body_bytes
         api.state.metrics = GatewayMetrics()
         self.store_engine = connect(database_url(self.config.database_url))
+        self.credit_book = CreditBook(self.store_engine)
+        self.credit: CreditGuard | None = None  # prepaid balances: only keys can hold one
         if self.config.auth.enabled:
             store = KeyStore(self.store_engine)
-            api.state.key_guard = KeyGuard(store, self.config.auth.key_refresh_s)
+            self.credit = CreditGuard(self.credit_book, on_refusal=api.state.metrics.credit_refused)
+            api.state.key_guard = KeyGuard(store, self.config.auth.key_refresh_s, also_load=self.credit.load)
             api.state.limiter = limiter_handle()
         else:
             api.state.key_guard = None
@@ -237,28 +248,33 @@ class Gateway:
                                allow_methods=["GET", "POST"],
                                allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
                                expose_headers=["X-Usage-Id", "X-Ignored-Fields", "Retry-After"])
-        self.models = ModelDirectory(self.config.model_refresh_s)
-        self.calls = ModelCalls(self.models, self.config)
-        self.ledger = Ledger(self.store_engine)
+        self.models = api.state.models = ModelDirectory(self.config.model_refresh_s)
+        self.calls = ModelCalls(self.models, self.config, credit=self.credit)
+        # Prepaid keys are debited in the transaction that writes their usage rows.
+        self.ledger = Ledger(self.store_engine, with_rows=self.credit.with_rows if self.credit else None)
         # Files and batches (serve_app/batches/): their routes read this service from the app state.
-        api.state.batches = BatchService(self.config, self.store_engine, batch_runner)
+        api.state.batches = BatchService(self.config, self.store_engine, batch_runner, credit=self.credit)
         api.state.body_limits = {batch_routes.UPLOAD_PATH: api.state.batches.upload_body_limit()}
+        # Routes in router modules (serve_app/cohere_embed.py) reach the shared serving path through this.
+        api.state.gateway = self
 
-    async def _serve(self, request: Request, endpoint: Endpoint, body) -> Served:
+    async def respond(self, request: Request, endpoint: Endpoint, body) -> JSONResponse:
         """A parsed body through the shared handling (serve_app/handling.py), billed before it is answered."""
-        context = RequestContext(self.calls, request.state.request_id)
+        key = getattr(request.state, "api_key", None)
+        context = RequestContext(self.calls, request.state.request_id, key.id if key is not None else None)
         try:
             served = await endpoint.serve(body, context)
         finally:
             if context.model is not None:
                 request.state.model = context.model  # metrics label, even when the model call failed
         await self._bill(request, served.usage)
-        return served
+        return OrjsonResponse(served.body)
 
     async def _bill(self, request: Request, usage: Usage) -> None:
         """Record a served request, durably and once, before its response is sent; then charge its tokens to the
         key's rate limit and count it in the metrics. If the row cannot be written the request fails (503):
-        nothing is served unbilled."""
+        nothing is served unbilled. `windows`: the rerank prompts scored, when documents were split into chunks
+        (search units count each, as Cohere bills chunks)."""
         key = getattr(request.state, "api_key", None)
         route = route_label(request)
         # Only a request that carries an Idempotency-Key can meet its id again; others get a fresh id and no
@@ -290,9 +306,7 @@ class Gateway:
               openapi_extra=json_body(protocol.EmbeddingRequest))
     @api.post("/embeddings", include_in_schema=False)
     async def embeddings(self, request: Request) -> JSONResponse:
-        endpoint = ENDPOINTS["/v1/embeddings"]
-        served = await self._serve(request, endpoint, await parse_body(request, endpoint.schema))
-        return OrjsonResponse(served.body)
+        return await self.respond(request, EMBEDDINGS, await parse_body(request, EMBEDDINGS.schema))
 
     # ---- rerank -------------------------------------------------------------------------------------------
 
@@ -300,9 +314,7 @@ class Gateway:
               openapi_extra=json_body(protocol.RerankRequest))
     @api.post("/v2/rerank", include_in_schema=False)
     async def rerank(self, request: Request) -> JSONResponse:
-        endpoint = ENDPOINTS["/v1/rerank"]
-        served = await self._serve(request, endpoint, await parse_body(request, endpoint.schema))
-        return OrjsonResponse(served.body)
+        return await self.respond(request, RERANK, await parse_body(request, RERANK.schema))
 
     @api.post("/rerank", responses={200: {"model": protocol.RerankResponse}},
               openapi_extra=json_body(protocol.RerankRequest, protocol.TEIRerankRequest))
@@ -310,13 +322,10 @@ class Gateway:
         """Cohere/Jina/vLLM body, or TEI's (`texts` instead of `documents`): told apart by the body."""
         raw = await read_json(request)
         if isinstance(raw, dict) and "texts" in raw and "documents" not in raw:
-            served = await self._serve(request, TEI_RERANK, validate(request, raw, TEI_RERANK.schema))
-        else:
-            endpoint = ENDPOINTS["/v1/rerank"]
-            served = await self._serve(request, endpoint, validate(request, raw, endpoint.schema))
-        return OrjsonResponse(served.body)
+            return await self.respond(request, TEI_RERANK, validate(request, raw, TEI_RERANK.schema))
+        return await self.respond(request, RERANK, validate(request, raw, RERANK.schema))
 
-    # ---- models and health --------------------------------------------------------------------------------
+    # ---- models -------------------------------------------------------------------------------------------
 
     @api.get("/v1/models", response_model=protocol.ModelList)
     async def list_models(self) -> protocol.ModelList:
@@ -327,6 +336,7 @@ class Gateway:
         for entry in await self.models.entries():
             if model_id in entry.served_names:
                 return model_card(entry)
+        self.models.raise_if_starting(model_id)
         raise ModelNotFound(f"model {model_id!r} does not exist; served models: {self.models.names_text()}",
                             param="model")
 
@@ -336,15 +346,12 @@ class Gateway:
     async def usage(self, request: Request, start: date | None = None, end: date | None = None
                     ) -> protocol.UsageReport:
         """The caller's totals per model and UTC day (every key's for an admin key, or when auth is off);
-        start and end are inclusive days, YYYY-MM-DD."""
+        start and end are inclusive days, YYYY-MM-DD. `credit`: per prepaid key, its balance now and the credit
+        added and used in the period (a spent key can still read it)."""
         if start is not None and end is not None and end < start:
             raise InvalidRequest("end is before start", param="end")
         key = getattr(request.state, "api_key", None)
         only_key = key.id if key is not None and not key.admin else None
         rows = await asyncio.to_thread(usage_totals, self.store_engine, key_id=only_key, since=start, until=end)
-        return protocol.UsageReport(data=rows, totals=sum_totals(rows))
-
-    @api.get("/health")
-    async def health(self) -> dict[str, Any]:
-        return {"status": "ok"}
-
+        credit = await asyncio.to_thread(self.credit_book.summaries, only_key, start, end)
+        return protocol.UsageReport(data=rows, totals=sum_totals(rows), credit=credit)

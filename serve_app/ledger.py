@@ -13,6 +13,9 @@ send no key get a fresh id per attempt, and such a retry is billed twice. A key 
 (another route or body: the row's fingerprint differs) is refused with 409, so reusing one key cannot buy
 unbilled answers. The ledger test kills a replica under load with retrying clients and checks that totals equal
 the usage the clients received.
+
+Prepaid credit (serve_app/credit) debits a request in the transaction that writes its row (the writer's
+`with_rows` hook), so a balance and the ledger can never disagree, whatever fails and whenever.
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ import queue
 import threading
 from dataclasses import asdict, dataclass, field, fields
 from datetime import date, datetime, time, timedelta, timezone
-from typing import Any
+from typing import Any, Callable
 
 from sqlalchemy import case, func, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from serve_app.errors import IdempotencyConflict
 from serve_app.store import now, usage_records
@@ -110,6 +113,12 @@ class _DriverInsert:
         connection.exec_driver_sql(self.sql, self.parameters(rows))
 
 
+# In-transaction hook of the writer: given the connection and the rows this transaction records (those refused as
+# Idempotency-Key conflicts left out), it writes what must commit with them (serve_app/credit: the debits of
+# prepaid keys) and returns what to run once the transaction has committed, or None.
+CommitHook = Callable[[Connection, list[dict[str, Any]]], Callable[[], None] | None]
+
+
 class Ledger:
     """One writer thread per gateway process takes every row queued while its previous commit ran, commits them in
     one transaction and wakes each caller on the caller's own event loop.
@@ -119,8 +128,9 @@ class Ledger:
     load). A thread also binds to no event loop, so callers on any loop, one after another (tests) or at once, are
     all answered."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, with_rows: CommitHook | None = None):
         self.engine = engine
+        self.with_rows = with_rows
         self._insert = _DriverInsert(engine)
         self._pending: queue.SimpleQueue = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
@@ -197,15 +207,27 @@ class Ledger:
         Idempotency-Key can meet their id again (the others have a fresh random id and no fingerprint), so only
         they are read back: a commit of fresh rows is the insert alone."""
         repeatable = [row["request_id"] for row in rows if row["fingerprint"]]
+        after_commit = None
         with self.engine.begin() as connection:
-            self._insert.execute(connection, rows)
+            # In request_id order (stable: of two requests with one id, the first still wins): two replicas
+            # committing the same retried ids in opposite orders would otherwise deadlock on PostgreSQL.
+            self._insert.execute(connection, sorted(rows, key=lambda row: row["request_id"]))
             stored = dict(connection.execute(
                 select(usage_records.c.request_id, usage_records.c.fingerprint)
                 .where(usage_records.c.request_id.in_(repeatable))).all()) if repeatable else {}
+            conflicts = {index for index, row in enumerate(rows)
+                         if row["fingerprint"] and stored.get(row["request_id"]) != row["fingerprint"]}
+            if self.with_rows is not None:
+                after_commit = self.with_rows(connection, [row for index, row in enumerate(rows)
+                                                           if index not in conflicts])
         self.commits += 1
         self.records += len(rows)
-        return {index for index, row in enumerate(rows)
-                if row["fingerprint"] and stored.get(row["request_id"]) != row["fingerprint"]}
+        if after_commit is not None:
+            try:
+                after_commit()
+            except Exception:  # noqa: BLE001 - the rows are committed: their callers must still be answered
+                logger.exception("usage ledger: the after-commit hook failed; the rows are committed")
+        return conflicts
 
 
 # ---- reading: totals per key, model and UTC day ----------------------------------------------------------------

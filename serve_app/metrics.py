@@ -28,10 +28,17 @@ class GatewayMetrics:
                                     tag_keys=("model", "route"))
         self.documents = Counter("qwen3_documents", "Documents (rerank) or inputs (embeddings) served",
                                  tag_keys=("model", "route"))
+        # No labels at all: which keys ran out is in the credit tables, not in a time series per key.
+        self.credit_refusals = Counter("qwen3_credit_refusals",
+                                       "Requests refused because the key's prepaid credit is spent (429 "
+                                       "insufficient_quota)")
 
     def request(self, model: str, route: str, status: int, seconds: float) -> None:
         self.requests.inc(tags={"model": model, "route": route, "status": str(status)})
         self.latency.observe(seconds, tags={"model": model, "route": route})
+
+    def credit_refused(self) -> None:
+        self.credit_refusals.inc()
 
     def served(self, model: str, route: str, tokens: int, documents: int) -> None:
         self.input_tokens.inc(tokens, tags={"model": model, "route": route})

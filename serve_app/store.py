@@ -1,4 +1,4 @@
-"""The durable store behind API keys and the usage ledger: SQLAlchemy Core over SQLite or PostgreSQL.
+"""The durable store behind API keys, the usage ledger and prepaid credit: SQLAlchemy Core over SQLite or PostgreSQL.
 
 SQLite (`sqlite:///var/qwen3-serve.db`) is the embedded default for one machine; PostgreSQL
 (`postgresql+psycopg://user@host/db`) for a cluster, where every gateway replica on every node reads and writes
@@ -12,22 +12,24 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import logging
-
-from sqlalchemy import (Boolean, Column, DateTime, Float, Index, Integer, MetaData, String, Table, create_engine,
-                        event, insert, inspect, select, text, update)
+from sqlalchemy import (BigInteger, Boolean, Column, DateTime, Float, Index, Integer, MetaData, String, Table,
+                        create_engine, event, insert, inspect, select, text, update)
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.engine import Engine
+
+from serve_app.credit.amounts import CreditAmount
 
 KEY_PREFIX = "q3s"
 MAX_KEY_NAME_CHARS = 200
 MAX_KEY_LIMIT = 2**31 - 1  # per-minute limits are INTEGER columns
+MAX_CREDIT_NOTE_CHARS = 500
 metadata = MetaData()
 
 api_keys = Table(
@@ -65,6 +67,43 @@ usage_records = Table(
     Column("batch_id", String(40), nullable=True),
     Index("ix_usage_records_key_time", "key_id", "created_at"),
     Index("ix_usage_records_time", "created_at"),
+)
+
+# Prepaid credit (serve_app/credit). A key has a balance once it has a journal entry; keys without one are unlimited.
+# The journal holds every credit change (initial credit, top-up, adjustment: who, when, amount, note, the balance
+# it left); usage_debits one row per billed request of a prepaid key, written in the ledger's own transaction (the
+# request_id is its usage row's). credit_totals keeps, per prepaid key, the running sums of both, updated in the
+# same transactions as the rows they sum, so a gateway reads one row per key instead of summing history: the
+# balance is always credited - used, that is the journal's sum minus the debits (CreditBook.audit recomputes it).
+credit_journal = Table(
+    "credit_journal", metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("key_id", String(16), nullable=False),
+    Column("kind", String(16), nullable=False),  # initial | top_up | adjustment
+    Column("amount", CreditAmount, nullable=False),
+    Column("balance_after", CreditAmount, nullable=False),
+    Column("note", String(MAX_CREDIT_NOTE_CHARS), nullable=False),
+    Column("actor", String(200), nullable=False),  # "key:<admin key id>" or "cli:<OS user>"
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_credit_journal_key_time", "key_id", "created_at"),
+)
+
+usage_debits = Table(
+    "usage_debits", metadata,
+    Column("request_id", String(64), primary_key=True),  # = usage_records.request_id: one debit per request
+    Column("key_id", String(16), nullable=False),
+    Column("amount", CreditAmount, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),  # the usage row's
+    Index("ix_usage_debits_key_time", "key_id", "created_at"),
+)
+
+credit_totals = Table(
+    "credit_totals", metadata,
+    Column("key_id", String(16), primary_key=True),
+    Column("credited", CreditAmount, nullable=False),  # sum of the key's journal amounts
+    Column("used", CreditAmount, nullable=False),  # sum of the key's debits
+    Column("version", BigInteger, nullable=False),  # +1 per change: gateways keep the newest view of a key
+    Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
 
@@ -174,10 +213,12 @@ class KeyStore:
         self.engine = engine
 
     def create(self, name: str, *, admin: bool = False, requests_per_minute: int | None = None,
-               tokens_per_minute: int | None = None) -> tuple[ApiKey, str]:
+               tokens_per_minute: int | None = None, credit=None, actor: str = "cli") -> tuple[ApiKey, str]:
         """A new key; the secret is returned here and never again (only its hash is stored). Limits are None
         (unlimited) or 1 to MAX_KEY_LIMIT: a limit of 0 would read as "no limit" wherever a falsy check is made,
-        and one past the INTEGER column would fail in the database."""
+        and one past the INTEGER column would fail in the database. `credit` (a decimal, 0 allowed) makes it a
+        prepaid key: its first journal entry is written in the same transaction as the key, so no gateway ever
+        sees the key without its balance. `actor` is who asked, for that entry."""
         if not name.strip() or not name.isprintable() or len(name) > MAX_KEY_NAME_CHARS:
             raise InvalidKeySettings("name", f"a key's name must be 1 to {MAX_KEY_NAME_CHARS} printable characters, "
                                              "not only whitespace")
@@ -185,6 +226,14 @@ class KeyStore:
             if limit is not None and not 1 <= limit <= MAX_KEY_LIMIT:
                 raise InvalidKeySettings(field, f"{field} must be at least 1 and at most {MAX_KEY_LIMIT} (leave it "
                                                 f"out for no limit), not {limit}")
+        if credit is not None:
+            from serve_app.credit.amounts import InvalidAmount, parse_amount
+
+            try:
+                credit = parse_amount(credit, allow_zero=True)
+            except InvalidAmount as exc:
+                raise InvalidKeySettings("credit", f"credit: {exc} (leave it out for a key without a balance)"
+                                         ) from None
         key_id = secrets.token_hex(4)
         secret = f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(24)}"
         row = {"id": key_id, "name": name, "key_hash": hash_key(secret), "admin": admin,
@@ -192,6 +241,10 @@ class KeyStore:
                "created_at": now(), "revoked_at": None}
         with self.engine.begin() as connection:
             connection.execute(insert(api_keys).values(**row))
+            if credit is not None:
+                from serve_app.credit.book import record_entry
+
+                record_entry(connection, key_id, credit, kind="initial", note="initial credit", actor=actor)
         return ApiKey(**row), secret
 
     def revoke(self, key_id: str) -> bool:

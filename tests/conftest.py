@@ -36,6 +36,22 @@ def tiny_embedder_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_calibration_path(tiny_embedder_path) -> Path:
+    """The tiny embedder's calibration file (its fixed int8/uint8 ranges), made once from the shipped corpus before
+    any served replica needs it, so tests and replicas read the same file."""
+    from serve_app.quantization.calibration import Calibration, calibrate, corpus_sha256
+    from tests.serving import calibration_path
+
+    path = calibration_path(tiny_embedder_path)
+    if not path.exists() or Calibration.load(path).corpus_sha256 != corpus_sha256():  # left by an older corpus
+        from models import Qwen3Embedder
+
+        engine = Qwen3Embedder.from_pretrained(str(tiny_embedder_path), device="cpu")
+        calibrate(engine, source=str(tiny_embedder_path)).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def key_database(tmp_path_factory) -> str:
     """The SQLite database of the served app's API keys."""
     return f"sqlite:///{tmp_path_factory.mktemp('db') / 'serve.db'}"
@@ -61,7 +77,7 @@ def admin_headers(key_store) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def serve_config(tiny_reranker_path, tiny_embedder_path, key_database, tmp_path_factory):
+def serve_config(tiny_reranker_path, tiny_embedder_path, tiny_calibration_path, key_database, tmp_path_factory):
     """configs/tiny.yaml as the HTTP tests deploy it (tests.serving.tiny_test_config)."""
     from tests.serving import free_port, tiny_test_config
 
@@ -81,6 +97,15 @@ def served(serve_config, api_key):
         yield instance
     finally:
         instance.stop()
+
+
+@pytest.fixture(scope="module")
+def http(served):
+    """An HTTP client of the served app, with a valid key."""
+    import httpx
+
+    with httpx.Client(base_url=served.url, headers=served.headers, timeout=60) as client:
+        yield client
 
 
 @pytest.fixture(scope="session")

@@ -28,12 +28,20 @@ TEST_MAX_BODY_BYTES = 1 << 20
 TEST_MAX_BATCH_FILE_BYTES = 2 << 20
 TEST_MAX_BATCH_LINES = 2000
 TEST_MAX_BATCH_EMBEDDING_INPUTS = 2500
+# Written as YAML numbers are read (floats): the models' prices must still be these decimals exactly. Batch API
+# lines cost half (the embedder) or the full price (the reranker).
+TEST_PRICES = {RERANKER: {"per_1k_documents": 0.05}, EMBEDDER: {"per_1m_tokens": 0.02, "batch_factor": 0.5}}
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def calibration_path(embedder_path: Path) -> Path:
+    """Where the tiny embedder's calibration file lives (made from the shipped corpus on first use)."""
+    return embedder_path.with_name(f"{embedder_path.name}.calibration.npz")
 
 
 def application(config: dict, name: str) -> dict:
@@ -53,7 +61,8 @@ def batch_test_settings(files_dir: Path) -> dict[str, Any]:
 def tiny_test_config(port: int, reranker_path: Path, embedder_path: Path, database_url: str,
                      batch_files_dir: Path | None = None) -> dict[str, Any]:
     """configs/tiny.yaml with the test's port and checkpoints, auth on (keys in `database_url`), a smaller body
-    limit, a logical-GPU embedder and a narrow reranker; batch files in `batch_files_dir`."""
+    limit, prices (what prepaid keys are debited), a logical-GPU embedder and a narrow reranker (which splits long
+    documents into 2 windows by default); batch files in `batch_files_dir`."""
     config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     gateway = application(config, "gateway")["args"]
@@ -63,9 +72,10 @@ def tiny_test_config(port: int, reranker_path: Path, embedder_path: Path, databa
         gateway["batches"] = batch_test_settings(batch_files_dir)
     # Two gateway replicas: keys, revocation and rate limits must hold across replicas.
     gateway["deployment"]["num_replicas"] = 2
-    application(config, RERANKER)["args"]["source"] = str(reranker_path)
+    application(config, RERANKER)["args"].update(source=str(reranker_path), price=TEST_PRICES[RERANKER])
     embedder = application(config, EMBEDDER)["args"]
-    embedder["source"] = str(embedder_path)
+    embedder.update(source=str(embedder_path), price=TEST_PRICES[EMBEDDER],
+                    calibration=str(calibration_path(embedder_path)))
     # Ray hands out a logical GPU here; the replica must still start, on CPU, with a warning.
     embedder["device"] = "auto"
     embedder["deployment"]["num_gpus"] = 0.5
@@ -73,6 +83,7 @@ def tiny_test_config(port: int, reranker_path: Path, embedder_path: Path, databa
     narrow["name"] = narrow["args"]["name"] = NARROW_RERANKER
     narrow["args"]["aliases"] = []
     narrow["args"]["deployment"].update(max_ongoing_requests=1, max_queued_requests=1)
+    narrow["args"]["max_chunks_per_doc"] = 2
     config["applications"].append(narrow)
     return config
 
@@ -143,7 +154,7 @@ class ServeInstance:
             agreeing = agreeing + 1 if served == expected and self._all_running(config) else 0
             if agreeing == 4:
                 return
-            time.sleep(0.5)
+            time.sleep(0.2)  # agreement is counted in listings (which replica answers), not in seconds
         raise TimeoutError(f"deploy did not converge: gateway serves {served}, expected {expected}; "
                            f"{self.details_text()}")
 
@@ -158,12 +169,39 @@ class ServeInstance:
         finally:
             self.deploy(config)
 
-    def _all_running(self, config: dict) -> bool:
-        from ray import serve
+    @contextlib.contextmanager
+    def gateway_on_postgres(self, config: dict[str, Any], key_database: str, postgres_url: str):
+        """The gateway redeployed onto a PostgreSQL database, with the API keys of `key_database` copied over (so
+        the session's keys keep working), and put back afterwards."""
+        from sqlalchemy import insert, select
 
-        status = serve.status().applications
-        return all(app["name"] in status and status[app["name"]].status == "RUNNING"
-                   for app in config["applications"])
+        from serve_app.store import api_keys, connect
+
+        with connect(key_database).connect() as source:
+            keys = [dict(row._mapping) for row in source.execute(select(api_keys))]
+        with connect(postgres_url).begin() as target:
+            target.execute(api_keys.delete())
+            target.execute(insert(api_keys), keys)
+        with self.gateway_changed(config, database_url=postgres_url):
+            yield
+
+    def gateway_database(self, request, config: dict[str, Any], key_database: str):
+        """Body of the tests' parametrized database fixtures (`request.param` "sqlite" or "postgresql"): yields the
+        gateway's database URL, the session's SQLite file as it is or PostgreSQL via gateway_on_postgres."""
+        if request.param == "sqlite":
+            yield key_database
+            return
+        postgres_url = request.getfixturevalue("postgres_url")
+        with self.gateway_on_postgres(config, key_database, postgres_url):
+            yield postgres_url
+
+    def _all_running(self, config: dict) -> bool:
+        from ray.serve.context import _get_global_client
+
+        # The controller's plain details dict: serve.status() validates it into pydantic models, which costs this
+        # process tens of milliseconds of CPU per call on the machine the replicas start on.
+        status = _get_global_client().get_serve_details().get("applications", {})
+        return all(status.get(app["name"], {}).get("status") == "RUNNING" for app in config["applications"])
 
     def replicas(self) -> dict[str, set[str]]:
         """{application: replica ids of its deployments}: a restart changes the ids."""

@@ -30,8 +30,8 @@ def every_route():
 def test_the_route_table_is_walked():
     paths = {path for _, path in every_route()}
     assert {"/v1/embeddings", "/embeddings", "/v1/rerank", "/v2/rerank", "/rerank", "/v1/models",
-            f"/v1/models/{RERANKER}", "/v1/usage", "/v1/admin/keys", f"/v1/admin/keys/{RERANKER}", "/health", "/docs",
-            "/openapi.json"} <= paths
+            f"/v1/models/{RERANKER}", "/v1/usage", "/v1/admin/keys", f"/v1/admin/keys/{RERANKER}", "/health", "/ready",
+            "/docs", "/openapi.json"} <= paths
 
 
 @pytest.mark.parametrize("header", [None, "Bearer", "Bearer q3s_nope_nope", "Basic dXNlcjpwYXNz", "q3s_raw"])

@@ -4,8 +4,10 @@ added to an older ledger table, batch usage priced with the batch factor; and th
 import io
 import json
 import time
+from decimal import Decimal
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import inspect, select, text
 
 from serve_app import usage
@@ -71,6 +73,43 @@ def test_a_chunk_is_checkpointed_and_billed_once_by_the_lease_holder(store):
     assert sorted(billed) == sorted((line_request_id("batch_1", n), "batch_1") for n in range(10))
 
 
+def test_a_checkpoint_debits_a_prepaid_keys_lines_in_its_transaction_and_a_refused_one_nothing(store):
+    """The runner passes the credit hook to each checkpoint: the lines' debits (at the batch price) commit with their
+    usage rows, and a checkpoint refused for a lost lease debits nothing."""
+    from types import SimpleNamespace
+
+    from serve_app.credit.book import CreditBook
+    from serve_app.credit.gateway import CreditGuard
+    from serve_app.store import KeyStore, usage_debits
+
+    with store.engine.begin() as connection:
+        connection.execute(usage_debits.delete())
+    key, _ = KeyStore(store.engine).create("batch-prepaid", credit="1")
+    guard = CreditGuard(CreditBook(store.engine))
+    guard.load([key.id])
+    guard.pricing.note(SimpleNamespace(name="qwen3-embedding-0.6b", deployed_at=1.0,
+                                       facts={"price": {"per_1m_tokens": "0.02", "batch_factor": "0.5"}}))
+    new_batch(store)
+    store.claim("batch_1", "runner_a", time.time(), 30)
+
+    def paid_checkpoint(owner, from_line, to_line):
+        usage = [UsageRecord(**{**vars(line_usage("batch_1", n)), "key_id": key.id}) for n in range(from_line, to_line)]
+        return store.checkpoint("batch_1", owner, from_line=from_line, to_line=to_line, to_offset=to_line * 100,
+                                completed=to_line - from_line, failed=0, input_tokens=10 * (to_line - from_line),
+                                output_part_bytes=100, error_part_bytes=None, usage=usage, lease_s=30,
+                                with_rows=guard.with_rows)
+
+    paid_checkpoint("runner_a", 0, 3)
+    with pytest.raises(LeaseLost):
+        paid_checkpoint("runner_a", 0, 3)  # the same chunk again
+    with store.engine.connect() as connection:
+        debits = dict(connection.execute(select(usage_debits.c.request_id, usage_debits.c.amount)).all())
+    # 10 tokens a line at half of 0.02 per 1M tokens.
+    assert debits == {line_request_id("batch_1", n): Decimal("0.0000001") for n in range(3)}
+    assert guard.balance(key.id).balance == Decimal("0.9999997")  # the hook's view, taken once it committed
+    assert CreditBook(store.engine).balances([key.id])[key.id].balance == Decimal("0.9999997")
+
+
 def test_a_cancel_reaches_the_runner_through_its_heartbeat_and_checkpoint(store):
     new_batch(store)
     store.claim("batch_1", "runner_a", time.time(), 30)
@@ -118,10 +157,22 @@ def test_batch_usage_is_reported_apart_and_priced_with_the_batch_factor(store):
                                                                                         (True, 3, 30)]
     prices = {"qwen3-embedding-0.6b": Price(per_1m_tokens=0.02, batch_factor=0.5)}
     by_batch = usage.report_rows(totals, ("batch",), {}, prices)
-    assert [(row["batch"], row["amount"]) for row in by_batch] == [(False, pytest.approx(0.02)),
-                                                                   (True, pytest.approx(30 / 1e6 * 0.02 * 0.5))]
+    # Exact decimal text: 30 batch tokens at half of 0.02 per 1M.
+    assert [(row["batch"], row["amount"]) for row in by_batch] == [(False, "0.02"), (True, "0.0000003")]
     whole = usage.report_rows(totals, ("model",), {}, prices)
-    assert whole[0]["amount"] == pytest.approx(0.02 + 30 / 1e6 * 0.01) and whole[0]["requests"] == 4
+    assert whole[0]["amount"] == "0.0200003" and whole[0]["requests"] == 4
+
+
+def test_a_batch_factor_keeps_every_cost_a_whole_number_of_credit_units():
+    half = Price(per_1m_tokens="0.02", batch_factor="0.5")
+    assert half.cost({"documents": 0, "input_tokens": 3, "batch_id": "batch_1"}) == Decimal("0.00000003")
+    assert half.cost({"documents": 0, "input_tokens": 3, "batch_id": None}) == Decimal("0.00000006")
+    # 0.000001 per 1M tokens is 10^-12 per token; half of it cannot be held exactly: refused at config time.
+    with pytest.raises(ValidationError, match="batch_factor"):
+        Price(per_1m_tokens="0.000001", batch_factor="0.5")
+    with pytest.raises(ValidationError, match="batch_factor"):
+        Price(per_1k_documents="0.000000001", batch_factor="0.25")
+    Price(per_1k_documents="0.000000002", batch_factor="0.5")
 
 
 # ---- lines ---------------------------------------------------------------------------------------------------------
@@ -137,6 +188,15 @@ def test_an_upload_is_counted_as_it_streams():
         copy_upload(io.BytesIO(data), io.BytesIO(), max_bytes=len(data) - 1, max_lines=5)
     with pytest.raises(PayloadTooLarge):
         copy_upload(io.BytesIO(data + b"\n"), io.BytesIO(), max_bytes=10**6, max_lines=4)
+    # Cohere's /v2/embed bodies count their texts (or inputs); rerank lines count nothing.
+    cohere = [{"custom_id": "t", "method": "POST", "url": "/v2/embed", "body": {"texts": ["a", "b", "c"]}},
+              {"custom_id": "i", "method": "POST", "url": "/v2/embed",
+               "body": {"inputs": [{"content": [{"type": "text", "text": "a"}]}] * 2}},
+              {"custom_id": "r", "method": "POST", "url": "/v1/rerank", "body": {"documents": ["a", "b"]}}]
+    data = "".join(json.dumps(item) + "\n" for item in cohere).encode()
+    assert copy_upload(io.BytesIO(data), io.BytesIO(), max_bytes=len(data), max_lines=3).embedding_inputs == 5
+    total, errors = validate_input(iter(data.splitlines()[:2]), "/v2/embed", max_lines=3, max_embedding_inputs=4)
+    assert total == 2 and [error["code"] for error in errors] == ["too_many_embedding_inputs"]
 
 
 def test_validation_names_each_bad_line():

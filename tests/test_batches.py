@@ -183,6 +183,79 @@ def test_a_rerank_batch_answers_each_line_as_online(alice, served, database):
         assert answered["usage"] == online["usage"] and answered["meta"] == online["meta"]
 
 
+def test_a_cohere_embed_batch_answers_each_line_as_online(alice, served, database):
+    key_id, client = alice
+    lines = [line("query", "/v2/embed", {"model": EMBEDDER, "input_type": "search_query",
+                                         "texts": NONEMPTY_QUERIES[:2], "embedding_types": ["float", "int8", "ubinary"],
+                                         "output_dimension": 32}),
+             line("documents", "/v2/embed", {"model": EMBEDDER, "input_type": "search_document",
+                                             "inputs": [{"content": [{"type": "text", "text": DOCUMENTS[0]}]}]}),
+             line("image", "/v2/embed", {"model": EMBEDDER, "input_type": "image", "texts": ["x"]})]
+    batch = wait_for(client, submit(client, lines, endpoint="/v2/embed").id, ended, "an end")
+    assert batch.status == "completed" and batch.request_counts.failed == 1, batch
+    output, errors = results(client, batch)
+    assert errors["image"]["response"]["status_code"] == 400
+    assert errors["image"]["response"]["body"]["error"]["param"] == "input_type"
+    rows = {row["request_id"]: row for row in ledger_rows(database, batch.id)}
+    assert set(rows) == {item["id"] for item in output.values()}
+    for item in lines[:2]:
+        online = httpx.post(f"{served.url}/v2/embed", json=item["body"],
+                            headers={"Authorization": f"Bearer {client.api_key}"}, timeout=60).json()
+        answered = output[item["custom_id"]]["response"]["body"]
+        assert answered["id"] == output[item["custom_id"]]["id"]  # the response id is the line's ledger id
+        assert answered["embeddings"].keys() == online["embeddings"].keys() and answered["texts"] == online["texts"]
+        assert answered["meta"] == online["meta"]
+        tokens = answered["meta"]["billed_units"]["input_tokens"]
+        assert (rows[answered["id"]]["input_tokens"], rows[answered["id"]]["route"]) == (tokens, "/v2/embed")
+        got, expected = np.array(answered["embeddings"]["float"]), np.array(online["embeddings"]["float"])
+        assert got.shape == expected.shape and np.abs(got - expected).max() <= TOLERANCE
+        for kind in answered["embeddings"].keys() - {"float"}:  # compressed: same shape, at most a bucket apart
+            got, expected = np.array(answered["embeddings"][kind]), np.array(online["embeddings"][kind])
+            assert got.shape == expected.shape
+
+
+def test_a_prepaid_keys_lines_are_debited_at_the_batch_price_and_refused_once_spent(key_store, served, database):
+    """The embedder's batch_factor is 0.5 (tests/serving.py): each line costs half its online price, debited in the
+    checkpoint that bills it; once the credit is spent the later lines get the online 429, and a spent key cannot
+    create a batch."""
+    from decimal import Decimal
+
+    from serve_app.credit.book import CreditBook
+    from serve_app.store import usage_debits
+    from tests.serving import TEST_PRICES
+
+    credit = Decimal("0.0000002")  # a handful of lines at 0.01 per 1M tokens
+    key, secret = key_store.create("batches-prepaid", credit=str(credit))
+    client = OpenAI(base_url=f"{served.url}/v1", api_key=secret, max_retries=0, timeout=60)
+    lines = embedding_lines(60, prefix="paid")
+    batch = wait_for(client, submit(client, lines).id, ended, "an end")
+    assert batch.status == "completed", batch
+    output, errors = results(client, batch)
+    assert set(output) | set(errors) == {item["custom_id"] for item in lines}
+    assert output and errors, (len(output), len(errors))
+    for item in errors.values():
+        assert item["response"]["status_code"] == 429
+        assert item["response"]["body"]["error"]["code"] == "insufficient_quota"
+    rows = ledger_rows(database, batch.id)
+    assert len(rows) == len(output)
+    with database.connect() as connection:
+        debits = {row.request_id: row.amount for row in
+                  connection.execute(select(usage_debits).where(usage_debits.c.key_id == key.id))}
+    half = Decimal(str(TEST_PRICES[EMBEDDER]["per_1m_tokens"])) * Decimal(str(TEST_PRICES[EMBEDDER]["batch_factor"]))
+    assert debits == {row["request_id"]: Decimal(row["input_tokens"]) * half / 1_000_000 for row in rows}
+    balance = CreditBook(database).balances([key.id])[key.id]
+    assert balance.balance == credit - sum(debits.values()) and balance.balance <= 0
+    deadline = time.monotonic() + 10  # the gateway replicas take the spent balance at their next key reload
+    while True:
+        try:
+            submit(client, embedding_lines(1, prefix="after"))
+        except APIStatusError as refused:
+            assert refused.status_code == 429 and refused.response.json()["error"]["code"] == "insufficient_quota"
+            break
+        assert time.monotonic() < deadline, "a spent key could still create batches"
+        time.sleep(0.5)
+
+
 def test_bad_lines_get_their_error_in_the_error_file_and_the_rest_are_served(alice, database):
     key_id, client = alice
     lines = [*embedding_lines(2),

@@ -11,8 +11,8 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app.config import GatewayConfig, ModelConfig, ServeConfigFile, load_config_file, main, validate_args
-from serve_app.directory import ModelApp, ModelDirectory
-from serve_app.errors import InvalidRequest, ModelNotFound
+from serve_app.directory import STARTING_RETRY_AFTER_S, ModelApp, ModelDirectory
+from serve_app.errors import InvalidRequest, ModelNotFound, ModelStarting
 from serve_app.loading import ModelLoadError, fetch_weights
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
@@ -155,8 +155,8 @@ class FakeServe:
         self.facts: dict[str, dict] = {}
         self.describe_calls: list[str] = []
 
-    def add(self, app, task, aliases=(), deployed_at=1.0):
-        self.apps[app] = ModelApp(deployed_at, running=True)
+    def add(self, app, task, aliases=(), deployed_at=1.0, running=True):
+        self.apps[app] = ModelApp(deployed_at, running=running, names=(app, *aliases))
         self.facts[app] = {"name": app, "task": task, "aliases": list(aliases), "source": app, "max_length": 8192}
 
     def directory(self):
@@ -164,7 +164,12 @@ class FakeServe:
             self.describe_calls.append(app)
             return copy.deepcopy(self.facts[app])
 
-        return ModelDirectory(60, list_apps=lambda: dict(self.apps), get_handle=lambda app: app, describe=describe)
+        def list_apps():
+            self.listings += 1
+            return dict(self.apps)
+
+        self.listings = 0
+        return ModelDirectory(60, list_apps=list_apps, get_handle=lambda app: app, describe=describe)
 
 
 def test_directory_resolves_names_aliases_and_refreshes_on_a_miss():
@@ -219,6 +224,53 @@ def test_directory_skips_a_model_that_cannot_describe_itself():
         broken.clear()  # it answers now: the next listing retries at once, not after the 60 s background refresh
         await asyncio.sleep(0.6)
         assert [entry.name for entry in await directory.entries()] == ["broken", "ok"]
+
+    asyncio.run(scenario())
+
+
+def test_a_deployed_model_without_a_running_replica_is_starting_not_unknown():
+    fake = FakeServe()
+    fake.add("ok", "embed")
+    fake.add("slow", "rerank", aliases=["Org/Slow"], running=False)  # deployed, weights still loading
+
+    async def scenario():
+        directory = fake.directory()
+        readiness = await directory.readiness()
+        assert (readiness.models, readiness.starting, readiness.ready) == (["ok", "slow"], ["slow"], False)
+        for name in ("slow", "Org/Slow"):  # by name or alias, from the deployed config: a 503, never a 404
+            with pytest.raises(ModelStarting, match="model 'slow' is starting") as error:
+                await directory.resolve(name, "rerank")
+            assert error.value.status == 503 and error.value.headers == {"Retry-After": str(STARTING_RETRY_AFTER_S)}
+        with pytest.raises(ModelNotFound, match="served models: ok"):  # no application serves it: 404 as before
+            await directory.resolve("nope", "rerank")
+        fake.add("slow", "rerank", aliases=["Org/Slow"])  # its replica is up
+        await asyncio.sleep(0.6)
+        readiness = await directory.readiness()  # not ready: refreshes at once rather than after refresh_s
+        assert (readiness.starting, readiness.ready) == ([], True)
+        assert (await directory.resolve("Org/Slow", "rerank")).name == "slow"
+        listings = fake.listings
+        await directory.readiness()  # ready: answered from the last listing
+        assert fake.listings == listings
+        fake.apps["ok"] = fake.apps["ok"]._replace(running=False)  # its only replica restarts: still served
+        await directory.refresh()
+        assert (await directory.readiness()).starting == ["ok"] and (await directory.resolve("ok", "embed"))
+        del fake.apps["ok"], fake.apps["slow"]
+        await directory.refresh()
+        readiness = await directory.readiness()
+        assert (readiness.models, readiness.ready) == ([], False)  # nothing deployed: nothing to be ready for
+
+    asyncio.run(scenario())
+
+
+def test_a_burst_of_readiness_probes_shares_one_listing():
+    fake = FakeServe()
+    fake.add("slow", "embed", running=False)
+
+    async def scenario():
+        directory = fake.directory()
+        results = await asyncio.gather(*(directory.readiness() for _ in range(50)))
+        assert all(result.starting == ["slow"] for result in results)
+        assert fake.listings == 1, fake.listings  # probes need no key: they must not each reach the controller
 
     asyncio.run(scenario())
 

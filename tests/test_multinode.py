@@ -178,7 +178,9 @@ def test_autoscaling_follows_load_up_and_back_down(multinode, reference):
     responses: list[httpx.Response] = []
     peak = 1
 
-    async def load(stop_after_s: float) -> None:
+    async def load(stop_after_s: float, after_scale_up_s: float) -> None:
+        """8 clients for up to stop_after_s, and for after_scale_up_s once a second replica runs: long enough for
+        the new replica to serve its share (every answer is checked), without loading the machine for nothing."""
         async with httpx.AsyncClient(base_url=multinode.serve.url, timeout=60) as client:
             stop = time.monotonic() + stop_after_s
 
@@ -188,15 +190,18 @@ def test_autoscaling_follows_load_up_and_back_down(multinode, reference):
                         "model": AUTOSCALED, "query": QUERY, "documents": DOCUMENTS, "top_n": 3}))
 
             async def watch():
-                nonlocal peak
+                nonlocal peak, stop
                 while time.monotonic() < stop:
                     peak = max(peak, len(await asyncio.to_thread(multinode.running_replicas, AUTOSCALED)))
+                    if peak >= 2:
+                        stop = min(stop, time.monotonic() + after_scale_up_s)
                     await asyncio.sleep(0.5)
 
             await asyncio.gather(watch(), *(worker() for _ in range(8)))
 
-    asyncio.run(load(stop_after_s=40))
-    print(f"autoscaling: {len(responses)} requests, peak {peak} replicas")
+    started = time.monotonic()
+    asyncio.run(load(stop_after_s=40, after_scale_up_s=5))
+    print(f"autoscaling: {len(responses)} requests, peak {peak} replicas, load for {time.monotonic() - started:.1f} s")
     assert peak >= 2, "8 concurrent clients against target_ongoing_requests=1 never scaled the model up"
     assert responses and all(r.status_code == 200 for r in responses), {r.status_code for r in responses}
     for response in responses:

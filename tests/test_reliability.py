@@ -95,12 +95,31 @@ def test_a_model_replica_killed_under_load_loses_no_request(served, key_store, k
     assert replaced() and replacement_s <= 30, f"no replacement replica within 30 s ({replacement_s:.1f} s)"
 
 
-def test_timeouts_answer_504_cancel_the_call_and_bill_nothing(served, serve_config, key_store, key_database):
-    key, secret = key_store.create("timeouts")
-    headers = {"Authorization": f"Bearer {secret}"}
-    # Enough work that the narrow reranker (one request at a time) takes far longer than the timeout.
-    heavy = {"model": NARROW_RERANKER, "query": QUERIES[0], "documents": [DOCUMENTS[4] * 8] * 400}
-    with served.gateway_changed(serve_config, request_timeout_s=0.3):
+ORIGIN = "https://app.example"
+PREFLIGHT = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+             "Access-Control-Request-Headers": "authorization,content-type"}
+
+
+def test_cors_is_off_unless_origins_are_configured(served):
+    closed = httpx.options(f"{served.url}/v1/embeddings", headers=PREFLIGHT)
+    assert "access-control-allow-origin" not in closed.headers
+
+
+class TestAReconfiguredGateway:
+    """Two gateway settings on one redeploy, since each redeploy restarts both gateway replicas (and once more to
+    put them back): a 0.3 s request_timeout_s and CORS for one origin. Neither changes what the other test sees:
+    CORS only answers preflights and adds headers, and a preflight or a 401 never waits on a model."""
+
+    @pytest.fixture(scope="class", autouse=True)
+    def reconfigured(self, served, serve_config):
+        with served.gateway_changed(serve_config, request_timeout_s=0.3, cors_allow_origins=[ORIGIN]):
+            yield
+
+    def test_timeouts_answer_504_cancel_the_call_and_bill_nothing(self, served, key_store, key_database):
+        key, secret = key_store.create("timeouts")
+        headers = {"Authorization": f"Bearer {secret}"}
+        # Enough work that the narrow reranker (one request at a time) takes far longer than the timeout.
+        heavy = {"model": NARROW_RERANKER, "query": QUERIES[0], "documents": [DOCUMENTS[4] * 8] * 400}
         started = time.monotonic()
         response = httpx.post(f"{served.url}/v1/rerank", json=heavy, headers=headers, timeout=60)
         elapsed = time.monotonic() - started
@@ -117,25 +136,19 @@ def test_timeouts_answer_504_cancel_the_call_and_bill_nothing(served, serve_conf
                 break
             time.sleep(0.5)
         assert small.status_code == 200, small.text
-    with connect(key_database).connect() as connection:
-        billed = [row.request_id for row in connection.execute(
-            select(usage_records.c.request_id).where(usage_records.c.key_id == key.id))]
-    assert billed == [small.headers["X-Usage-Id"]]  # the timed-out request is not billed
+        with connect(key_database).connect() as connection:
+            billed = [row.request_id for row in connection.execute(
+                select(usage_records.c.request_id).where(usage_records.c.key_id == key.id))]
+        assert billed == [small.headers["X-Usage-Id"]]  # the timed-out request is not billed
 
-
-def test_cors_is_off_unless_origins_are_configured(served, serve_config):
-    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization,content-type"}
-    closed = httpx.options(f"{served.url}/v1/embeddings", headers=preflight)
-    assert "access-control-allow-origin" not in closed.headers
-    with served.gateway_changed(serve_config, cors_allow_origins=["https://app.example"]):
-        opened = httpx.options(f"{served.url}/v1/embeddings", headers=preflight)
+    def test_cors_answers_the_configured_origin_only(self, served):
+        opened = httpx.options(f"{served.url}/v1/embeddings", headers=PREFLIGHT)
         assert opened.status_code == 200
-        assert opened.headers["access-control-allow-origin"] == "https://app.example"
-        other = httpx.options(f"{served.url}/v1/embeddings", headers={**preflight, "Origin": "https://evil.example"})
+        assert opened.headers["access-control-allow-origin"] == ORIGIN
+        other = httpx.options(f"{served.url}/v1/embeddings", headers={**PREFLIGHT, "Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
         unauthenticated = httpx.post(f"{served.url}/v1/embeddings", json={"model": "x", "input": "y"},
-                                     headers={"Origin": "https://app.example"})
+                                     headers={"Origin": ORIGIN})
         assert unauthenticated.status_code == 401  # CORS lets the browser read the answer; auth still applies
 
 

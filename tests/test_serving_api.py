@@ -20,12 +20,6 @@ INSTRUCTION = "Given a question, find the passage that answers it"
 
 
 @pytest.fixture(scope="module")
-def http(served):
-    with httpx.Client(base_url=served.url, headers=served.headers, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def reference(tiny_reranker_path):
     return ModelCardReranker(str(tiny_reranker_path))
 
@@ -80,8 +74,11 @@ def test_openai_sdk_lists_models(openai_client):
     assert {model.id for model in openai_client.models.list()} == {RERANKER, EMBEDDER, NARROW_RERANKER}
 
 
-def test_health_needs_nothing(http):
-    assert http.get("/health").json() == {"status": "ok"}
+def test_health_and_ready_need_nothing(served):
+    assert httpx.get(f"{served.url}/health", timeout=30).json() == {"status": "ok"}
+    response = httpx.get(f"{served.url}/ready", timeout=30)  # no key
+    assert response.status_code == 200, response.text
+    assert response.json() == {"status": "ready", "models": sorted([EMBEDDER, NARROW_RERANKER, RERANKER])}
 
 
 def test_a_gpu_fraction_without_cuda_runs_on_cpu(served):

@@ -1,4 +1,4 @@
-"""Serving behaviour beyond single requests: concurrent batching, live reconfiguration, redeploys."""
+"""Serving behaviour beyond single requests: concurrent batching, live reconfiguration, redeploys, readiness."""
 
 import asyncio
 import copy
@@ -8,11 +8,12 @@ import httpx
 import pytest
 
 from tests.reference import ModelCardReranker
-from tests.serving import EMBEDDER, RERANKER, application
+from tests.serving import EMBEDDER, NARROW_RERANKER, RERANKER, application
 from tests.texts import DOCUMENTS, NONEMPTY_QUERIES
 
 TOLERANCE = 1e-5
 EXTRA_EMBEDDER = "qwen3-embedding-extra"
+STARTING_EMBEDDER = "qwen3-embedding-starting"
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +94,53 @@ def test_adding_and_removing_a_model_restarts_no_other_replica(served, serve_con
     response = httpx.post(f"{served.url}/v1/embeddings", json={"model": EXTRA_EMBEDDER, "input": "x"},
                                   headers=served.headers, timeout=60)
     assert response.status_code == 404
+
+
+def test_a_model_that_cannot_start_yet_answers_503_and_ready_names_it(served, serve_config):
+    """A model application that is deployed but has no running replica (here: it asks for more CPUs than the
+    cluster has, so its replica waits for resources): its name and alias get 503 "is starting" with Retry-After,
+    /ready (no key) is 503 naming it, a name nothing serves is still 404; once it is removed, /ready is 200."""
+    grown = copy.deepcopy(serve_config)
+    waiting = copy.deepcopy(application(grown, EMBEDDER))
+    waiting["name"] = waiting["args"]["name"] = STARTING_EMBEDDER
+    waiting["args"]["aliases"] = ["Org/Starting-Embedder"]
+    # No room for it anywhere; and nothing to wait for when it is removed (its replica never started).
+    waiting["args"]["deployment"].update(num_cpus=64, graceful_shutdown_timeout_s=0)
+    grown["applications"].append(waiting)
+
+    def ready_answer(status: int) -> httpx.Response:
+        """The first /ready answer with `status` (no Authorization: probes are open). Each gateway replica
+        answers from its own listing, up to model_refresh_s old, so the two replicas agree within that."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            response = httpx.get(f"{served.url}/ready", timeout=30)
+            if response.status_code == status:
+                return response
+            time.sleep(0.2)
+        raise TimeoutError(f"/ready never answered {status}: {response.status_code} {response.text}")
+
+    try:
+        served.deploy(grown, wait=False)
+        response = ready_answer(503)
+        assert int(response.headers["Retry-After"]) > 0
+        error = response.json()["error"]
+        assert error["code"] == "model_starting"
+        assert error["message"] == f"not ready: 1 of 4 models still starting: {STARTING_EMBEDDER}"
+        for name in (STARTING_EMBEDDER, "Org/Starting-Embedder"):  # a miss refreshes the listing: no waiting
+            response = httpx.post(f"{served.url}/v1/embeddings", json={"model": name, "input": "x"},
+                                  headers=served.headers, timeout=60)
+            assert response.status_code == 503 and response.headers["Retry-After"], response.text
+            assert response.json()["error"]["code"] == "model_starting"
+            assert f"model {STARTING_EMBEDDER!r} is starting" in response.json()["error"]["message"]
+        wait_for(lambda: httpx.get(f"{served.url}/v1/models/{STARTING_EMBEDDER}", headers=served.headers,
+                                   timeout=30).status_code == 503, timeout_s=30, what="/v1/models/{id}: 503")
+        response = httpx.post(f"{served.url}/v1/embeddings", json={"model": "no-such-model", "input": "x"},
+                              headers=served.headers, timeout=60)
+        assert response.status_code == 404
+        # The running models are served meanwhile.
+        response = httpx.post(f"{served.url}/v1/embeddings", json={"model": EMBEDDER, "input": "x"},
+                              headers=served.headers, timeout=60)
+        assert response.status_code == 200
+    finally:
+        served.deploy(serve_config)
+    assert ready_answer(200).json() == {"status": "ready", "models": sorted([EMBEDDER, NARROW_RERANKER, RERANKER])}

@@ -10,9 +10,9 @@ import uuid
 
 import httpx
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import select
 
-from serve_app.store import KeyStore, api_keys, connect, usage_records
+from serve_app.store import KeyStore, connect, usage_records
 from tests.serving import EMBEDDER, RERANKER
 from tests.texts import DOCUMENTS, NONEMPTY_QUERIES
 
@@ -135,17 +135,7 @@ def test_usage_route_shows_a_key_its_own_totals_and_an_admin_every_key(served, k
 def gateway_database(request, served, serve_config, key_database):
     """The served gateway's database: the session's SQLite file, or a PostgreSQL server that the gateway is
     redeployed onto for the test (the keys copied over, so the session's key keeps working) and then taken off."""
-    if request.param == "sqlite":
-        yield key_database
-        return
-    postgres_url = request.getfixturevalue("postgres_url")
-    with connect(key_database).connect() as source:
-        keys = [dict(row._mapping) for row in source.execute(select(api_keys))]
-    with connect(postgres_url).begin() as target:
-        target.execute(api_keys.delete())
-        target.execute(insert(api_keys), keys)
-    with served.gateway_changed(serve_config, database_url=postgres_url):
-        yield postgres_url
+    yield from served.gateway_database(request, serve_config, key_database)
 
 
 def gateway_replicas() -> list[dict]:

@@ -20,7 +20,8 @@ UPLOAD_CHUNK_BYTES = 1 << 20
 MAX_CUSTOM_ID_CHARS = 512
 # A failed validation reports this many problems at most (OpenAI's `errors.data`), the first ones in the file.
 MAX_REPORTED_ERRORS = 100
-EMBEDDINGS = "/v1/embeddings"
+# The embeddings endpoints, whose batches are limited in inputs (max_embedding_inputs), not only in lines.
+EMBEDDING_ENDPOINTS = ("/v1/embeddings", "/v2/embed")
 
 
 def line_request_id(batch_id: str, position: int) -> str:
@@ -31,8 +32,14 @@ def line_request_id(batch_id: str, position: int) -> str:
 
 
 def embedding_inputs(body: Any) -> int:
-    """How many inputs an embeddings body holds, as the per-batch limit counts them (0 for what is not one)."""
-    value = body.get("input") if isinstance(body, dict) else None
+    """How many inputs an embeddings body holds, OpenAI's (`input`) or Cohere's (`texts` or `inputs`), as the
+    per-batch limit counts them (0 for what is not one)."""
+    if not isinstance(body, dict):
+        return 0
+    cohere = body.get("texts", body.get("inputs"))
+    if isinstance(cohere, list):
+        return len(cohere)
+    value = body.get("input")
     if isinstance(value, str):
         return 1
     if isinstance(value, list) and value:
@@ -51,12 +58,12 @@ class UploadStats:
 
     def count(self, raw: bytes) -> None:
         self.lines += 1
-        if b'"/v1/embeddings"' in raw:  # most lines of other endpoints are never parsed here
+        if b'"/v1/embeddings"' in raw or b'"/v2/embed"' in raw:  # rerank lines are never parsed here
             try:
                 line = json.loads(raw)
             except ValueError:
                 return  # the batch's validation names the line
-            if isinstance(line, dict) and line.get("url") == EMBEDDINGS:
+            if isinstance(line, dict) and line.get("url") in EMBEDDING_ENDPOINTS:
                 self.embedding_inputs += embedding_inputs(line.get("body"))
 
 
@@ -138,7 +145,7 @@ def validate_input(lines, endpoint: str, max_lines: int, max_embedding_inputs: i
                                                              "already used by an earlier line", total, "custom_id"))
         else:
             seen.add(parsed.custom_id)
-            if endpoint == EMBEDDINGS:
+            if endpoint in EMBEDDING_ENDPOINTS:
                 inputs += embedding_inputs(parsed.body)
         if len(errors) >= MAX_REPORTED_ERRORS:
             break

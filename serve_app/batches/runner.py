@@ -41,9 +41,12 @@ from serve_app.batches.storage import FileStorage
 from serve_app.batches.store import BatchStore, LeaseLost, new_id, unix_now
 from serve_app.bodies import validation_error
 from serve_app.config import GatewayConfig
+from serve_app.credit.book import CreditBook
+from serve_app.credit.gateway import CreditGuard
 from serve_app.directory import ModelDirectory
 from serve_app.errors import InternalError, PayloadTooLarge, ServingError
-from serve_app.handling import ENDPOINTS, Endpoint, ModelCalls, RequestContext
+from serve_app.endpoints import ENDPOINTS
+from serve_app.handling import Endpoint, ModelCalls, RequestContext
 from serve_app.ledger import UsageRecord
 
 logger = logging.getLogger("ray.serve")
@@ -143,11 +146,16 @@ class BatchWorker:
         self.config = GatewayConfig.model_validate(config or {})
         self.settings = self.config.batches
         self.owner = new_id("runner_")
-        self.store = BatchStore(connect(database_url(self.config.database_url)))
+        engine = connect(database_url(self.config.database_url))
+        self.store = BatchStore(engine)
         self.storage = FileStorage(self.settings.storage)
         self.models = ModelDirectory(self.config.model_refresh_s)
         self._in_flight: dict[str, asyncio.Semaphore] = {}
-        self.calls = ModelCalls(self.models, self.config, call_options={"background": True}, admit=self._admit)
+        # Prepaid keys: a line of a key whose credit is spent gets the online 429 in the error file, and the lines
+        # served are debited (at the price times its batch_factor) in the checkpoint that bills them.
+        self.credit = CreditGuard(CreditBook(engine))
+        self.calls = ModelCalls(self.models, self.config, call_options={"background": True}, admit=self._admit,
+                                credit=self.credit)
         self._runs: dict[str, Run] = {}
         self._supervisor: asyncio.Task | None = None
         self._wakeup = asyncio.Event()
@@ -233,6 +241,8 @@ class BatchWorker:
                 self.stats["batches_resumed"] += 1
                 logger.info("batch runner: resuming %s (%s) at line %d", batch["id"], batch["status"],
                             batch["next_line"])
+            if batch["key_id"] is not None:
+                await asyncio.to_thread(self.credit.load, [batch["key_id"]])
             if batch["status"] == "cancelling" and batch["in_progress_at"] is None:
                 await self._finish(batch, "cancelled")  # cancelled before its file was validated: no lines known
                 return
@@ -373,8 +383,12 @@ class BatchWorker:
                 self.store.checkpoint, progress["id"], self.owner, from_line=chunk.from_line, to_line=chunk.to_line,
                 to_offset=chunk.to_offset, completed=len(chunk.output), failed=len(chunk.errors),
                 input_tokens=sum(record.input_tokens for record in chunk.usage), output_part_bytes=output_bytes,
-                error_part_bytes=error_bytes, usage=chunk.usage, lease_s=self.settings.lease_s)
+                error_part_bytes=error_bytes, usage=chunk.usage, lease_s=self.settings.lease_s,
+                with_rows=self.credit.with_rows)
             self.stats["checkpoints"] += 1
+            key_id = progress["key_id"]
+            if key_id is not None and (view := self.credit.balance(key_id)) is not None and view.balance <= 0:
+                await asyncio.to_thread(self.credit.load, [key_id])  # a top-up lets the lines after it run
             progress.update(next_line=chunk.to_line, next_offset=chunk.to_offset,
                             output_parts=progress["output_parts"] + (output_bytes is not None),
                             error_parts=progress["error_parts"] + (error_bytes is not None))
@@ -396,7 +410,7 @@ class BatchWorker:
                 body = endpoint.schema.model_validate(json.loads(raw)["body"])
             except ValidationError as exc:
                 raise validation_error(exc) from None
-            served = await self._serve_with_retries(endpoint, body, request_id)
+            served = await self._serve_with_retries(endpoint, body, request_id, batch["key_id"])
         except LineNotRun:
             code, message = UNRUN[CURRENT_RUN.get().stop or "cancelled"]
             return LineResult(error=unrun_line(request_id, custom_id, code, message))
@@ -418,14 +432,14 @@ class BatchWorker:
             line = response_line(request_id, custom_id, 200, served.body)
         return LineResult(output=line, usage=record)
 
-    async def _serve_with_retries(self, endpoint: Endpoint, body, request_id: str):
+    async def _serve_with_retries(self, endpoint: Endpoint, body, request_id: str, key_id: str | None):
         """503 and 504 mean "not now" (a model restarting, or busy with online traffic): retried with backoff for
         line_retry_s, as an online client would; any other answer is the line's."""
         deadline = time.monotonic() + self.settings.line_retry_s
         delay = RETRY_FIRST_DELAY_S
         while True:
             try:
-                return await endpoint.serve(body, RequestContext(self.calls, request_id))
+                return await endpoint.serve(body, RequestContext(self.calls, request_id, key_id))
             except ServingError as error:
                 run = CURRENT_RUN.get()
                 if error.status not in (503, 504) or time.monotonic() + delay > deadline or run.stopping:

@@ -17,13 +17,14 @@ from typing import IO, Any, Iterator
 
 from sqlalchemy.engine import Engine
 
-from serve_app.batches.lines import copy_upload
+from serve_app.batches.lines import EMBEDDING_ENDPOINTS, copy_upload
 from serve_app.batches.protocol import BatchCreateRequest
 from serve_app.batches.storage import FileStorage
 from serve_app.batches.store import BatchStore, new_id, unix_now
 from serve_app.config import GatewayConfig
+from serve_app.credit.gateway import CreditGuard
 from serve_app.errors import InvalidRequest, NotFound, PayloadTooLarge, StoreUnavailable
-from serve_app.handling import ENDPOINTS
+from serve_app.endpoints import ENDPOINTS
 
 logger = logging.getLogger("ray.serve")
 
@@ -38,11 +39,12 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
 
 class BatchService:
-    def __init__(self, config: GatewayConfig, engine: Engine, runner=None):
+    def __init__(self, config: GatewayConfig, engine: Engine, runner=None, credit: CreditGuard | None = None):
         self.config = config.batches
         self.store = BatchStore(engine)
         self.storage = FileStorage(self.config.storage)
         self.runner = runner  # DeploymentHandle of the BatchRunner; None where no runner is bound
+        self.credit = credit  # the gateway's prepaid balances: a spent key cannot start a batch
         self._wakeups: set[asyncio.Task] = set()
 
     def upload_body_limit(self) -> int:
@@ -125,6 +127,8 @@ class BatchService:
     # ---- batches ----------------------------------------------------------------------------------------------
 
     async def create(self, key, body: BatchCreateRequest) -> dict[str, Any]:
+        if self.credit is not None and key is not None:
+            self.credit.admit(key.id)  # 429 insufficient_quota, as an online request would get
         if body.endpoint not in ENDPOINTS:
             raise InvalidRequest(f"endpoint {body.endpoint!r} is not served in batches; batch endpoints: "
                                  f"{', '.join(sorted(ENDPOINTS))}", param="endpoint", code="invalid_endpoint")
@@ -135,7 +139,7 @@ class BatchService:
         if source["purpose"] != "batch":
             raise InvalidRequest(f"file {source['id']!r} has purpose {source['purpose']!r}; a batch's input must be "
                                  "uploaded with purpose 'batch'", param="input_file_id")
-        if body.endpoint == "/v1/embeddings" and source["embedding_inputs"] > self.config.max_embedding_inputs:
+        if body.endpoint in EMBEDDING_ENDPOINTS and source["embedding_inputs"] > self.config.max_embedding_inputs:
             raise InvalidRequest(f"file {source['id']!r} holds {source['embedding_inputs']} embedding inputs; an "
                                  f"embeddings batch takes at most {self.config.max_embedding_inputs}",
                                  param="input_file_id", code="too_many_embedding_inputs")

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Any
+from dataclasses import asdict
+from typing import Any, Callable
 
 from sqlalchemy import (JSON, BigInteger, Column, Float, Index, Integer, String, Table, and_, insert, or_, select,
                         update)
@@ -210,10 +211,13 @@ class BatchStore:
 
     def checkpoint(self, batch_id: str, owner: str, *, from_line: int, to_line: int, to_offset: int,
                    completed: int, failed: int, input_tokens: int, output_part_bytes: int | None,
-                   error_part_bytes: int | None, usage: list[UsageRecord], lease_s: float) -> tuple[str, int]:
+                   error_part_bytes: int | None, usage: list[UsageRecord], lease_s: float,
+                   with_rows: Callable[[Any, list[dict[str, Any]]], Callable[[], None] | None] | None = None
+                   ) -> tuple[str, int]:
         """Make a chunk durable: position, counts, parts and the usage of its lines, in one transaction. Returns the
         batch's status and expires_at after it (a cancel may have come in meanwhile); LeaseLost if this runner no
-        longer holds it or another wrote this chunk already."""
+        longer holds it or another wrote this chunk already. `with_rows` is the ledger's hook (prepaid keys' debits,
+        serve_app/credit/gateway.py), run inside the transaction; what it returns runs once it has committed."""
         columns = batches.c
         values: dict[str, Any] = {
             "next_line": to_line, "next_offset": to_offset, "completed": columns.completed + completed,
@@ -229,8 +233,12 @@ class BatchStore:
             if result.rowcount != 1:
                 raise LeaseLost(batch_id)
             insert_usage(connection, usage)
-            return tuple(connection.execute(select(columns.status, columns.expires_at)
-                                            .where(columns.id == batch_id)).one())
+            committed = with_rows(connection, [asdict(record) for record in usage]) if with_rows and usage else None
+            status = tuple(connection.execute(select(columns.status, columns.expires_at)
+                                              .where(columns.id == batch_id)).one())
+        if committed is not None:
+            committed()
+        return status
 
     def finish(self, batch_id: str, owner: str, status: str, files: list[dict[str, Any]], **times) -> bool:
         """End a batch: its output / error file rows and its final status, in one transaction."""
