@@ -75,7 +75,9 @@ def in_process(rerank_path: Path, embed_path: Path, workload: dict, args) -> dic
 # ---- over HTTP ------------------------------------------------------------------------------------------
 
 def serving_checkpoints(folder: Path, shape: str, layers: int | None) -> dict[str, Path]:
-    """{task: checkpoint} of a reranker and an embedder of one shape, built offline on first use."""
+    """{task: checkpoint} of a reranker and an embedder of one shape, built offline on first use. Absolute paths:
+    a config's relative `source` without "./" would name a hub repository."""
+    folder = folder.resolve()
     return {task: build_checkpoint(folder / checkpoint_name(task, shape, layers), task, shape, layers)
             for task in ("rerank", "embed")}
 
