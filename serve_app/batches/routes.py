@@ -89,13 +89,17 @@ async def upload_file(request: Request) -> FileObject:
     return FileObject.of(row)
 
 
+def page(rows: list[dict], more: bool) -> dict:
+    """OpenAI's list paging fields: whether more follow, and the ids to page from."""
+    return {"has_more": more, "first_id": rows[0]["id"] if rows else None, "last_id": rows[-1]["id"] if rows else None}
+
+
 @router.get("/files", response_model=FileList)
 async def list_files(request: Request, purpose: str | None = None, limit: int = Query(10_000, ge=1, le=10_000),
                      after: str | None = None, order: Literal["asc", "desc"] = "desc") -> FileList:
     rows, more = await service(request).files(caller(request), purpose=purpose, limit=limit, after=after,
                                               ascending=order == "asc")
-    return FileList(data=[FileObject.of(row) for row in rows], has_more=more,
-                    first_id=rows[0]["id"] if rows else None, last_id=rows[-1]["id"] if rows else None)
+    return FileList(data=[FileObject.of(row) for row in rows], **page(rows, more))
 
 
 @router.get("/files/{file_id}", response_model=FileObject)
@@ -127,8 +131,7 @@ async def create_batch(request: Request) -> JSONResponse:
 @router.get("/batches", response_model=BatchList)
 async def list_batches(request: Request, limit: int = Query(20, ge=1, le=100), after: str | None = None) -> BatchList:
     rows, more = await service(request).batches(caller(request), limit=limit, after=after)
-    return BatchList(data=[BatchObject.of(row) for row in rows], has_more=more,
-                     first_id=rows[0]["id"] if rows else None, last_id=rows[-1]["id"] if rows else None)
+    return BatchList(data=[BatchObject.of(row) for row in rows], **page(rows, more))
 
 
 @router.get("/batches/{batch_id}", response_model=BatchObject)
