@@ -80,12 +80,14 @@ def _insert_ignoring_duplicates(engine: Engine):
     return dialects[engine.dialect.name](usage_records).on_conflict_do_nothing(index_elements=["request_id"])
 
 
-def insert_usage(connection, records: list[UsageRecord]) -> None:
+def insert_usage(connection, records: list[UsageRecord]) -> list[dict[str, Any]]:
     """Bill records inside the caller's transaction: the batch runner commits a checkpoint of a batch and the usage
     of its lines together, so a line is billed exactly when its answer is durably in the output. Ids already in
-    the ledger are left as they are."""
-    if records:
-        connection.execute(_insert_ignoring_duplicates(connection.engine), [asdict(record) for record in records])
+    the ledger are left as they are. Returns the rows as written (what a `CommitHook` takes)."""
+    rows = [asdict(record) for record in records]
+    if rows:
+        connection.execute(_insert_ignoring_duplicates(connection.engine), rows)
+    return rows
 
 
 class _DriverInsert:

@@ -184,12 +184,16 @@ def add_missing_columns(engine: Engine) -> None:
                     raise
 
 
-class InvalidKeySettings(ValueError):
-    """A key that cannot be created as asked; `field` names the setting, as the admin route's body spells it."""
+class InvalidField(ValueError):
+    """A value refused as asked; `field` names it as the admin routes' bodies spell it (their 400's `param`)."""
 
     def __init__(self, field: str, message: str):
         super().__init__(message)
         self.field = field
+
+
+class InvalidKeySettings(InvalidField):
+    """A key that cannot be created as asked."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import asdict
 from typing import Any, Callable
 
 from sqlalchemy import (JSON, BigInteger, Column, Float, Index, Integer, String, Table, and_, insert, or_, select,
@@ -232,8 +231,8 @@ class BatchStore:
                                                               columns.next_line == from_line).values(**values))
             if result.rowcount != 1:
                 raise LeaseLost(batch_id)
-            insert_usage(connection, usage)
-            committed = with_rows(connection, [asdict(record) for record in usage]) if with_rows and usage else None
+            rows = insert_usage(connection, usage)
+            committed = with_rows(connection, rows) if with_rows and rows else None
             status = tuple(connection.execute(select(columns.status, columns.expires_at)
                                               .where(columns.id == batch_id)).one())
         if committed is not None:

@@ -20,7 +20,8 @@ from sqlalchemy.engine import Connection, Engine
 from serve_app.credit.amounts import (SQLITE_MAX_TOTAL, CreditAmount, InvalidAmount, decimal_text, from_units,
                                      parse_amount)
 from serve_app.ledger import day_start
-from serve_app.store import MAX_CREDIT_NOTE_CHARS, api_keys, credit_journal, credit_totals, now, usage_debits
+from serve_app.store import (MAX_CREDIT_NOTE_CHARS, InvalidField, api_keys, credit_journal, credit_totals, now,
+                             usage_debits)
 
 ZERO = Decimal(0)
 
@@ -31,12 +32,8 @@ class UnknownKey(LookupError):
         self.key_id = key_id
 
 
-class InvalidCreditEntry(ValueError):
-    """A credit entry that cannot be recorded as asked; `field` names the part, as the admin route's body does."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
+class InvalidCreditEntry(InvalidField):
+    """A credit entry that cannot be recorded as asked."""
 
 
 @dataclass(frozen=True)
