@@ -75,13 +75,19 @@ def main() -> None:
             "model stats()": lambda: model.stats.remote(),
             "model rerank(1 doc)": lambda: model.rerank.remote(QUERY, ONE_DOCUMENT, None, None, True, None),
         }
+        before = model.stats.remote().result()
         times = asyncio.run(measure(calls, args.rounds, args.samples))
+        after = model.stats.remote().result()
     finally:
         instance.stop()
     for name, values in times.items():
         values.sort()
         print(f"{name:<28} p10 {values[len(values) // 10] * 1e3:6.2f} ms   p50 {statistics.median(values) * 1e3:6.2f} ms"
               f"   p90 {values[9 * len(values) // 10] * 1e3:6.2f} ms")
+    # The replica's own reading of its forward runs (warm-up calls included): the part of `rerank` that is the model.
+    jobs = after["jobs"] - before["jobs"]
+    print(f"{'engine run per rerank call':<28} mean {1e3 * (after['engine_seconds'] - before['engine_seconds']) / jobs:6.2f} ms"
+          f"   ({jobs} calls, {after['engine_runs'] - before['engine_runs']} runs)")
 
 
 if __name__ == "__main__":

@@ -100,9 +100,11 @@ class ModelServer:
         # jobs (and their tokens): jobs the engine ran (a request cancelled while queued is not one). Requests
         # arrive three ways: immediate_jobs found the engine idle and skipped Serve's batch queue, solo_jobs were
         # larger than a whole batch, the rest came in `batches`. engine_runs: forward runs, each over everything
-        # queued at its start (largest_run_jobs the most jobs in one).
+        # queued at its start (largest_run_jobs the most jobs in one). forward_tokens / padded_slots: real tokens and
+        # the token slots the forward micro-batches computed (the padding efficiency; a shared query head counts once).
         self._stats = {"jobs": 0, "tokens": 0, "immediate_jobs": 0, "solo_jobs": 0, "batches": 0, "engine_runs": 0,
-                       "largest_run_jobs": 0, "engine_seconds": 0.0, "background_jobs": 0}
+                       "largest_run_jobs": 0, "engine_seconds": 0.0, "background_jobs": 0, "forward_tokens": 0,
+                       "padded_slots": 0, "micro_batches": 0}
         self._probe_job = self._tokenize_probe()
         self.metrics = ModelMetrics(self.config.name)
 
@@ -329,6 +331,9 @@ class ModelServer:
         results = self._run_isolated(jobs)
         seconds = time.perf_counter() - started
         self._stats["engine_seconds"] += seconds
+        self._stats["forward_tokens"] += work.real_tokens - real
+        self._stats["padded_slots"] += work.computed_slots - slots
+        self._stats["micro_batches"] += work.micro_batches - passes
         self.metrics.engine_run(len(jobs), work.real_tokens - real, work.computed_slots - slots,
                                 work.micro_batches - passes, seconds, waits)
         return results
