@@ -6,6 +6,8 @@ as a driver, calls handles sequentially and prints p10 / p50 / p90 of each:
   floor Constants.rerank()    Serve's own cost of a handle call to a deployment that returns constants
   model describe(), stats()   the same hop to our model replica, no model work
   model rerank(1 doc)         the hop plus tokenize, the engine queue and thread, and one forward pass
+  engine run                  the replica's own engine seconds per rerank call, against the same run in this
+                              process (after Serve has stopped)
 
 The difference between `rerank` and `describe` is what the replica spends on a request; BENCHMARKS.md (serving
 path) sets it against the replica's own step timings and a py-spy GIL profile.
@@ -88,6 +90,29 @@ def main() -> None:
     jobs = after["jobs"] - before["jobs"]
     print(f"{'engine run per rerank call':<28} mean {1e3 * (after['engine_seconds'] - before['engine_seconds']) / jobs:6.2f} ms"
           f"   ({jobs} calls, {after['engine_runs'] - before['engine_runs']} runs)")
+    in_process = in_process_run_ms(paths["rerank"], args.rounds * args.samples)
+    print(f"{'engine run in this process':<28} mean {statistics.mean(in_process):6.2f} ms   p50 "
+          f"{statistics.median(in_process):6.2f} ms   (the same job, 1 torch thread, no Serve threads beside it)")
+
+
+def in_process_run_ms(path: Path, samples: int) -> list[float]:
+    """The one-document job's forward run in a plain process: what the replica's engine run would cost if nothing
+    else in its process wanted the GIL meanwhile (torch releases it around every op)."""
+    import torch
+
+    from models.reranker import Qwen3Reranker
+
+    torch.set_num_threads(1)  # as the replica (num_cpus 1)
+    engine = Qwen3Reranker.from_pretrained(str(path), device="cpu")
+    job = engine.tokenize(QUERY, ONE_DOCUMENT)
+    for _ in range(30):
+        engine.run([job])
+    times = []
+    for _ in range(samples):
+        start = time.perf_counter()
+        engine.run([job])
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 if __name__ == "__main__":
