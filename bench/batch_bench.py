@@ -34,7 +34,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.engine_bench import QUERY, make_texts  # noqa: E402
+from bench.engine_bench import make_texts  # noqa: E402
 from bench.serve_bench import ONE_DOCUMENT, body, percentile, serve_config, serving_checkpoints  # noqa: E402
 
 ENDPOINTS = {"embed": "/v1/embeddings", "rerank": "/v1/rerank"}
