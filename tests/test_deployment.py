@@ -99,6 +99,23 @@ def test_an_idle_engine_runs_a_lone_request_at_once(tiny_reranker_path):
     assert stats["immediate_jobs"] == stats["jobs"] == stats["engine_runs"] == 3 and stats["batches"] == 0
 
 
+def test_stats_count_the_forward_work_the_engine_did(tiny_reranker_path):
+    """stats() reports what the forward passes held (bench/batch_bench.py reads it per phase): real tokens, padded
+    slots and micro-batches, summed over the replica's runs exactly as the engine counted them."""
+    server = ModelServer.func_or_class({"name": "r", "task": "rerank", "source": str(tiny_reranker_path),
+                                        "device": "cpu"})
+
+    async def scenario():
+        await server.rerank("q", ["short", "a much longer document " * 20])
+        await server.rerank("q", ["one more document"])
+
+    asyncio.run(scenario())
+    stats, work = server._stats, server.engine.work
+    assert stats["engine_runs"] == 2 and stats["micro_batches"] == work.micro_batches >= 2
+    assert stats["forward_tokens"] == work.real_tokens > 0
+    assert stats["padded_slots"] == work.computed_slots > stats["forward_tokens"]  # the short document was padded
+
+
 def test_requests_that_arrive_while_the_engine_is_busy_gather_for_its_next_pass(tiny_reranker_path):
     server = ModelServer.func_or_class({"name": "r", "task": "rerank", "source": str(tiny_reranker_path),
                                         "device": "cpu"})
