@@ -326,16 +326,15 @@ class ModelServer:
 
     def _run_measured(self, jobs: list, waits: list[float]) -> list:
         """_run_isolated plus its metrics, on the engine thread (so nothing else runs between the readings)."""
-        work = self.engine.work
-        real, slots, passes, started = work.real_tokens, work.computed_slots, work.micro_batches, time.perf_counter()
+        before, started = self.engine.work.snapshot(), time.perf_counter()
         results = self._run_isolated(jobs)
         seconds = time.perf_counter() - started
+        done = self.engine.work.since(before)
         self._stats["engine_seconds"] += seconds
-        self._stats["forward_tokens"] += work.real_tokens - real
-        self._stats["padded_slots"] += work.computed_slots - slots
-        self._stats["micro_batches"] += work.micro_batches - passes
-        self.metrics.engine_run(len(jobs), work.real_tokens - real, work.computed_slots - slots,
-                                work.micro_batches - passes, seconds, waits)
+        self._stats["forward_tokens"] += done.real_tokens
+        self._stats["padded_slots"] += done.computed_slots
+        self._stats["micro_batches"] += done.micro_batches
+        self.metrics.engine_run(len(jobs), done.real_tokens, done.computed_slots, done.micro_batches, seconds, waits)
         return results
 
     def _run_isolated(self, jobs: list) -> list:
