@@ -71,6 +71,10 @@ async def wait_done(client: httpx.AsyncClient, batch_id: str, poll_s: float = 1.
         await asyncio.sleep(final_poll_s if near_end else poll_s)
 
 
+async def completed_lines(client: httpx.AsyncClient, batch_id: str) -> int:
+    return (await client.get(f"/v1/batches/{batch_id}")).json()["request_counts"]["completed"]
+
+
 async def online_saturation(client: httpx.AsyncClient, kind: str, groups: list[list[str]], concurrency: int) -> float:
     semaphore = asyncio.Semaphore(concurrency)
 
@@ -108,7 +112,8 @@ def cpu_seconds_by_process() -> dict[int, tuple[str, float]]:
             title = (stat.parent / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
         except OSError:
             continue
-        name = title.split()[0].split(".")[0] if title.startswith("ray::") else Path(title.split()[0]).name if title else "?"
+        program = title.split()[0] if title else "?"
+        name = program.split(".")[0] if program.startswith("ray::") else Path(program).name
         processes[int(stat.parent.name)] = (name, (int(fields[11]) + int(fields[12])) / ticks)
     return processes
 
@@ -156,12 +161,11 @@ async def measure(url: str, groups: dict[str, list[list[str]]], busy_groups: dic
             results[f"{kind}_idle_latency"] = await sequential_latency(client, kind, idle_samples)
         for kind in ("embed", "rerank"):
             batch_id = await submit(client, kind, busy_groups[kind], f"{kind}-busy")
-            state = {"running": False, "done": False, "completed": 0}
+            state = {"running": False, "done": False}
 
             async def watch():
                 while True:
                     batch = (await client.get(f"/v1/batches/{batch_id}")).json()
-                    state["completed"] = batch["request_counts"]["completed"]
                     state["running"] = batch["status"] == "in_progress" and batch["request_counts"]["completed"] > 0
                     if batch["status"] not in ("validating", "in_progress"):
                         state["done"] = True
@@ -171,10 +175,12 @@ async def measure(url: str, groups: dict[str, list[list[str]]], busy_groups: dic
             watcher = asyncio.create_task(watch())
             while not state["running"] and not state["done"]:
                 await asyncio.sleep(0.05)
-            completed_before, started = state["completed"], time.perf_counter()
+            # The batch's own progress while online requests ran: lines checkpointed in that window (to +-1 chunk),
+            # read afresh at both ends rather than from the watcher's last poll.
+            completed_before, started = await completed_lines(client, batch_id), time.perf_counter()
             times = await sequential_latency(client, kind, args.latency_samples, until=lambda: state["done"])
-            # The batch's own progress while online requests ran (lines checkpointed in that window, to +-1 chunk).
-            results[f"{kind}_busy_batch_rate"] = (state["completed"] - completed_before) / (time.perf_counter() - started)
+            completed_after, elapsed = await completed_lines(client, batch_id), time.perf_counter() - started
+            results[f"{kind}_busy_batch_rate"] = (completed_after - completed_before) / elapsed
             results[f"{kind}_busy_latency"] = times
             results[f"{kind}_busy_batch_left"] = not state["done"]
             await client.post(f"/v1/batches/{batch_id}/cancel")
@@ -255,6 +261,9 @@ def main() -> None:
     print(f"\n{'workload':<8} {'metric':<34} {'idle':>10} {'batch on':>10} {'ratio':>8}")
     for kind in ("embed", "rerank"):
         idle, loaded = results[f"{kind}_idle_latency"], results[f"{kind}_busy_latency"]
+        if not loaded:  # its first checkpoint was its end: a larger --busy-factor gives samples
+            print(f"{kind:<8} the busy batch ended before any online sample was taken; raise --busy-factor")
+            continue
         p50_idle, p50_busy = statistics.median(idle) * 1e3, statistics.median(loaded) * 1e3
         print(f"{kind:<8} {'p50 one-input online (ms)':<34} {p50_idle:>10.2f} {p50_busy:>10.2f} "
               f"{p50_busy / p50_idle:>8.2f}x   ({len(loaded)} samples while the batch ran"

@@ -87,8 +87,8 @@ def main() -> None:
         print(f"{name:<28} p10 {values[len(values) // 10] * 1e3:6.2f} ms   p50 {statistics.median(values) * 1e3:6.2f} ms"
               f"   p90 {values[9 * len(values) // 10] * 1e3:6.2f} ms")
     # The replica's own reading of its forward runs (warm-up calls included): the part of `rerank` that is the model.
-    jobs = after["jobs"] - before["jobs"]
-    print(f"{'engine run per rerank call':<28} mean {1e3 * (after['engine_seconds'] - before['engine_seconds']) / jobs:6.2f} ms"
+    jobs, engine_seconds = after["jobs"] - before["jobs"], after["engine_seconds"] - before["engine_seconds"]
+    print(f"{'engine run per rerank call':<28} mean {1e3 * engine_seconds / jobs:6.2f} ms"
           f"   ({jobs} calls, {after['engine_runs'] - before['engine_runs']} runs)")
     in_process = in_process_run_ms(paths["rerank"], args.rounds * args.samples)
     print(f"{'engine run in this process':<28} mean {statistics.mean(in_process):6.2f} ms   p50 "

@@ -300,8 +300,8 @@ class BatchesConfig(Strict):
     # Batch lines waiting on one model at once, from one runner replica: the model's background queue holds at most
     # this many, so bulk work cannot crowd out online requests, yet keeps an idle model busy. 16: the engine gets
     # about 8 lines a pass while the next 8 wait (8 gave passes of 4 and embeddings at 89% of online saturation,
-    # 16 gave 93-109% in three runs; BENCHMARKS.md, Batch API). Keep it well below the models' max_ongoing_requests (32 by default),
-    # which Serve counts for both kinds of request.
+    # 16 gave 93-109% in three runs; BENCHMARKS.md, Batch API). Serve counts background lines against the models'
+    # max_ongoing_requests (32 by default) too, so runner replicas x this should stay below it.
     max_in_flight_per_model: int = Field(default=16, ge=1, le=1024)
     # Batches one runner replica works on at once (more wait in validating/in_progress until one ends).
     max_running_batches: int = Field(default=4, ge=1)
