@@ -91,14 +91,24 @@ class AutoscalingConfig(Strict):
     upscale_delay_s: float = Field(default=10, ge=0)
     downscale_delay_s: float = Field(default=300, ge=0)
     # Over how long Serve averages the load it scales on (Serve's default 30 s when unset): shorter reacts faster
-    # to bursts and follows noise more. How often load is reported is set by Serve's environment variables
-    # RAY_SERVE_HANDLE/REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S (its metrics_interval_s is deprecated).
+    # to bursts and follows noise more.
     look_back_period_s: float | None = Field(default=None, gt=0)
+    # How often handles and replicas report their load to the controller (Serve's default 10 s when unset): no
+    # scaling decision can come sooner after a change of load. Serve 2.60 calls this field deprecated in favour of
+    # RAY_SERVE_HANDLE/REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S, but does not read those variables yet
+    # (ray/serve/_private/router.py and replica.py push every `metrics_interval_s`), so the field is the knob.
+    metrics_interval_s: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> "AutoscalingConfig":
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        # Serve averages over the look-back window the reports it got: a window shorter than the interval between
+        # reports averages over at most one (Serve warns, and says a later release will refuse it).
+        interval = self.metrics_interval_s or 10.0
+        if self.look_back_period_s is not None and self.look_back_period_s <= interval:
+            raise ValueError(f"look_back_period_s ({self.look_back_period_s:g}) must be longer than "
+                             f"metrics_interval_s ({interval:g}{'' if self.metrics_interval_s else ', Serve default'})")
         return self
 
 

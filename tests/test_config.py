@@ -10,7 +10,8 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app.config import GatewayConfig, ModelConfig, ServeConfigFile, load_config_file, main, validate_args
+from serve_app.config import (AutoscalingConfig, GatewayConfig, ModelConfig, ServeConfigFile, load_config_file, main,
+                              validate_args)
 from serve_app.directory import STARTING_RETRY_AFTER_S, ModelApp, ModelDirectory
 from serve_app.errors import InvalidRequest, ModelNotFound, ModelStarting
 from serve_app.loading import ModelLoadError, fetch_weights
@@ -97,6 +98,19 @@ def test_builders_validate_their_args():
 def test_both_scaling_modes_at_once_is_an_error():
     with pytest.raises(ValueError, match="either num_replicas or autoscaling"):
         ModelConfig(name="m", task="embed", source="./x", deployment={"num_replicas": 2, "autoscaling": {}})
+
+
+def test_a_look_back_window_shorter_than_the_load_reports_is_an_error():
+    """Serve averages over the look-back window the reports it received; one no longer than the interval between
+    reports (10 s by default) averages over at most one report."""
+    with pytest.raises(ValueError, match=r"look_back_period_s \(5\) must be longer than metrics_interval_s \(10, Serve"):
+        AutoscalingConfig(look_back_period_s=5)
+    options = ModelConfig(name="m", task="embed", source="./x", deployment={"autoscaling": {
+        "look_back_period_s": 1, "metrics_interval_s": 0.25}}).deployment.serve_options()["autoscaling_config"]
+    assert options["look_back_period_s"] == 1 and options["metrics_interval_s"] == 0.25
+    from ray.serve.config import AutoscalingConfig as ServeAutoscalingConfig
+
+    assert ServeAutoscalingConfig.model_validate(options).metrics_interval_s == 0.25  # what Serve itself takes
 
 
 def test_deployment_options_become_serve_options():

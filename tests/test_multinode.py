@@ -21,8 +21,6 @@ pytestmark = pytest.mark.multinode
 
 WHOLE, HALF, QUARTER_A, QUARTER_B = "rr-whole-gpu", "emb-half-gpu", "rr-quarter-gpu", "emb-quarter-gpu"
 AUTOSCALED, EXTRA = "rr-autoscaled", "rr-does-not-fit"
-FAST_LOAD_REPORTS = {"RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.25",
-                     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.25"}
 QUERY, DOCUMENTS = "what do pandas eat?", ["Pandas eat bamboo.", "Paris is in France.", "熊猫吃竹子。"]
 
 
@@ -41,17 +39,15 @@ def cluster_config(port: int, database_url: str, reranker, embedder, names: list
         QUARTER_A: model_application(QUARTER_A, "rerank", reranker, num_gpus=0.25),
         QUARTER_B: model_application(QUARTER_B, "embed", embedder, num_gpus=0.25),
         EXTRA: model_application(EXTRA, "rerank", reranker, num_gpus=0.25),
-        # Short delays so the test sees a whole scale-up and scale-down cycle in seconds.
+        # Short delays, and load reported every 0.25 s instead of 10 s, so the test sees a whole scale-up and
+        # scale-down cycle in seconds.
         AUTOSCALED: model_application(AUTOSCALED, "rerank", reranker, max_ongoing_requests=2, autoscaling={
             "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1, "upscale_delay_s": 0,
-            "downscale_delay_s": 2, "look_back_period_s": 1}),
+            "downscale_delay_s": 2, "look_back_period_s": 1, "metrics_interval_s": 0.25}),
     }
-    apps[AUTOSCALED]["runtime_env"] = {"env_vars": FAST_LOAD_REPORTS}
     gateway = {"name": "gateway", "route_prefix": "/", "import_path": "serve_app.app:gateway_app",
                "args": {"database_url": database_url, "auth": {"enabled": False}, "model_refresh_s": 0.5,
-                        "deployment": {"num_cpus": 0.5, "num_replicas": 1}},
-               # The gateway's handles report the load Serve scales on: every 0.25 s instead of 10 s.
-               "runtime_env": {"env_vars": FAST_LOAD_REPORTS}}
+                        "deployment": {"num_cpus": 0.5, "num_replicas": 1}}}
     return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
             "applications": [gateway, *(apps[name] for name in names)]}
 
