@@ -7,7 +7,7 @@ as a driver, calls handles sequentially and prints p10 / p50 / p90 of each:
   model describe(), stats()   the same hop to our model replica, no model work
   model rerank(1 doc)         the hop plus tokenize, the engine queue and thread, and one forward pass
   engine run                  the replica's own engine seconds per rerank call, against the same run in this
-                              process (after Serve has stopped)
+                              process (after Serve has stopped), back to back and after idle gaps
 
 The difference between `rerank` and `describe` is what the replica spends on a request; BENCHMARKS.md (serving
 path) sets it against the replica's own step timings and a py-spy GIL profile.
@@ -90,14 +90,20 @@ def main() -> None:
     jobs, engine_seconds = after["jobs"] - before["jobs"], after["engine_seconds"] - before["engine_seconds"]
     print(f"{'engine run per rerank call':<28} mean {1e3 * engine_seconds / jobs:6.2f} ms"
           f"   ({jobs} calls, {after['engine_runs'] - before['engine_runs']} runs)")
-    in_process = in_process_run_ms(paths["rerank"], args.rounds * args.samples)
-    print(f"{'engine run in this process':<28} mean {statistics.mean(in_process):6.2f} ms   p50 "
-          f"{statistics.median(in_process):6.2f} ms   (the same job, 1 torch thread, no Serve threads beside it)")
+    for idle_ms, in_process in in_process_run_ms(paths["rerank"], args.rounds * args.samples).items():
+        label = "engine run in this process" if not idle_ms else f"  after {idle_ms:g} ms idle"
+        print(f"{label:<28} mean {statistics.mean(in_process):6.2f} ms   p50 {statistics.median(in_process):6.2f} ms"
+              + ("   (the same job, 1 torch thread, no Serve threads beside it)" if not idle_ms else ""))
 
 
-def in_process_run_ms(path: Path, samples: int) -> list[float]:
+IDLE_GAPS_MS = (0, 2, 10, 50)
+
+
+def in_process_run_ms(path: Path, samples: int) -> dict[float, list[float]]:
     """The one-document job's forward run in a plain process: what the replica's engine run would cost if nothing
-    else in its process wanted the GIL meanwhile (torch releases it around every op)."""
+    else in its process wanted the GIL meanwhile (torch releases it around every op). Back to back, and after each
+    idle gap of IDLE_GAPS_MS: a served request's forward pass follows an idle spell (the rest of the request's path),
+    and a CPU that has idled runs the same ops slower (caches, branch predictors, the VM's vCPU descheduled)."""
     import torch
 
     from models.reranker import Qwen3Reranker
@@ -107,11 +113,15 @@ def in_process_run_ms(path: Path, samples: int) -> list[float]:
     job = engine.tokenize(QUERY, ONE_DOCUMENT)
     for _ in range(30):
         engine.run([job])
-    times = []
-    for _ in range(samples):
-        start = time.perf_counter()
-        engine.run([job])
-        times.append((time.perf_counter() - start) * 1e3)
+    times: dict[float, list[float]] = {}
+    for idle_ms in IDLE_GAPS_MS:
+        times[idle_ms] = []
+        for _ in range(min(samples, 100) if idle_ms else samples):
+            if idle_ms:
+                time.sleep(idle_ms / 1000)
+            start = time.perf_counter()
+            engine.run([job])
+            times[idle_ms].append((time.perf_counter() - start) * 1e3)
     return times
 
 
