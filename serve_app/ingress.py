@@ -144,7 +144,7 @@ async def admission_refusal(request: Request) -> JSONResponse | None:
     Idempotency-Key, declared body over the limit), else None, with the key and ledger id set on its state."""
     guard = getattr(request.app.state, "key_guard", None)
     try:
-        if guard is not None and request.url.path not in OPEN_PATHS:
+        if guard is not None and request.scope["path"] not in OPEN_PATHS:
             request.state.api_key = await guard.authenticate(request.headers.get("authorization"))
             await enforce_rate_limits(request, request.state.api_key)
         request.state.request_id = ledger_request_id(request)
