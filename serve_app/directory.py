@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, NamedTuple
 
 from serve_app.config import MODEL_DEPLOYMENT_NAME
@@ -42,6 +42,16 @@ class ModelEntry:
     deployed_at: float  # the application's last deploy time: a redeploy re-describes the model
     facts: dict[str, Any]  # what the replica's describe() returned
     handle: Any  # DeploymentHandle to the model's ModelServer
+    _methods: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def method(self, name: str) -> Any:
+        """The handle for one of the model's methods. `handle.rerank` builds a new handle through options() on
+        every access (1% of the gateway's CPU under load, BENCHMARKS.md), so each is made once per entry; a
+        redeploy makes a new entry."""
+        method = self._methods.get(name)
+        if method is None:
+            method = self._methods[name] = getattr(self.handle, name)
+        return method
 
     @property
     def name(self) -> str:

@@ -97,7 +97,7 @@ class ModelCalls:
         model_call_attempts and by the request's deadline (request_timeout_s: 504 past it)."""
         deadline = time.monotonic() + self.config.request_timeout_s
         for attempt in range(1, self.config.model_call_attempts + 1):
-            response = getattr(entry.handle, method).remote(*args, **self.call_options)
+            response = entry.method(method).remote(*args, **self.call_options)
             try:
                 return await self._await_while_served(entry, response, deadline)
             except (RequestCancelledError, ServingError):
