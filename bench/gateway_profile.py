@@ -34,17 +34,18 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.serve_bench import ONE_DOCUMENT, body, serve_config, serving_checkpoints  # noqa: E402
+from serve_app.config import GATEWAY_DEPLOYMENT_NAME, MODEL_DEPLOYMENT_NAME  # noqa: E402
 
 MODEL_APPS = {"rerank": "bench-reranker", "embed": "bench-embedder"}
 ROUTES = {"rerank": "/v1/rerank", "embed": "/v1/embeddings"}
 
 
-def replica_pids() -> dict[str, int]:
+def replica_pid(app: str, deployment: str) -> int:
+    """The pid of a running replica of `deployment` in `app` (the gateway app also holds the batch runner)."""
     from ray.serve.context import _get_global_client
 
-    details = _get_global_client().get_serve_details()["applications"]
-    return {app: replica["pid"] for app, entry in details.items() for deployment in entry["deployments"].values()
-            for replica in deployment["replicas"] if replica["state"] == "RUNNING"}
+    replicas = _get_global_client().get_serve_details()["applications"][app]["deployments"][deployment]["replicas"]
+    return next(replica["pid"] for replica in replicas if replica["state"] == "RUNNING")
 
 
 async def load(url: str, headers: dict, kind: str, clients: int, seconds: float) -> int:
@@ -75,9 +76,11 @@ def summary(raw: Path, focus: str | None, top: int) -> str:
         frames, samples = stack.split(";"), int(count)
         total += samples
         threads[frames[0]] += samples
-        leaf[frames[-1]] += samples
+        leaf[re.sub(r":\d+\)$", ")", frames[-1])] += samples
         for function in {re.sub(r":\d+\)$", ")", frame) for frame in frames[1:]}:  # once per stack
             inclusive[function] += samples
+    if not total:
+        return "  no samples (the replica never held the GIL while recorded?)"
     lines = [f"  {total} samples"]
     lines += [f"  thread    {n:6d} {n / total:6.1%}  {name[:100]}" for name, n in threads.most_common(8)]
     lines += [f"  self      {n:6d} {n / total:6.1%}  {name[:140]}" for name, n in leaf.most_common(top)]
@@ -90,7 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", default="rerank", choices=sorted(ROUTES))
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--seconds", type=float, default=12, help="recording time (the load runs 2 s longer)")
+    parser.add_argument("--seconds", type=int, default=12, help="recording time (the load runs 2 s longer)")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--focus", default=None, help="inclusive rows only for functions whose name contains this")
     parser.add_argument("--top", type=int, default=30)
@@ -110,16 +113,18 @@ def main() -> None:
         instance.headers = headers
         instance.deploy(serve_config(paths["rerank"], paths["embed"], port, 1, None, auth=True, database_url=database))
         asyncio.run(load(instance.url, headers, args.kind, args.clients, 5))  # warm-up
-        pids = replica_pids()
-        targets = {name: pids[name] for name in ("gateway", MODEL_APPS[args.kind])}
+        targets = {"gateway": replica_pid("gateway", GATEWAY_DEPLOYMENT_NAME),
+                   MODEL_APPS[args.kind]: replica_pid(MODEL_APPS[args.kind], MODEL_DEPLOYMENT_NAME)}
         spy = Path(sys.executable).with_name("py-spy")
         recorders = {name: subprocess.Popen(
-            [str(spy), "record", "-p", str(pid), "-d", str(int(args.seconds)), "-r", str(args.rate), "--gil",
+            [str(spy), "record", "-p", str(pid), "-d", str(args.seconds), "-r", str(args.rate), "--gil",
              "--threads", "--nonblocking", "-f", "raw", "-o", str(workdir / f"{name}.txt")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in targets.items()}
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for name, pid in targets.items()}
         served = asyncio.run(load(instance.url, headers, args.kind, args.clients, args.seconds + 2))
-        for recorder in recorders.values():
-            recorder.wait()
+        for name, recorder in recorders.items():
+            _, errors = recorder.communicate()
+            if recorder.returncode != 0 or not (workdir / f"{name}.txt").exists():
+                raise RuntimeError(f"py-spy on {name} failed (exit {recorder.returncode}): {errors.strip()}")
     finally:
         instance.stop()
     print(f"{args.kind}: {served / (args.seconds + 2):.1f} requests/s under the profiler, {args.clients} clients; "

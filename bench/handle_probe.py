@@ -103,7 +103,8 @@ def in_process_run_ms(path: Path, samples: int) -> dict[float, list[float]]:
     """The one-document job's forward run in a plain process: what the replica's engine run would cost if nothing
     else in its process wanted the GIL meanwhile (torch releases it around every op). Back to back, and after each
     idle gap of IDLE_GAPS_MS: a served request's forward pass follows an idle spell (the rest of the request's path),
-    and a CPU that has idled runs the same ops slower (caches, branch predictors, the VM's vCPU descheduled)."""
+    and a CPU that has idled runs the same ops slower (measured, BENCHMARKS.md; the cause is not separated: cold caches
+    and predictors, the VM's vCPU descheduled, CPU power states)."""
     import torch
 
     from models.reranker import Qwen3Reranker

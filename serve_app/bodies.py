@@ -48,7 +48,7 @@ DEFAULT_MAX_BODY_BYTES = GatewayConfig.model_fields["max_body_bytes"].default
 
 def body_limit(request: Request) -> int:
     """max_body_bytes, unless the route has its own limit (the batch file upload: serve_app/batches/routes.py).
-    Runs twice on every request: it reads the raw path from the scope (`request.url` parses the whole URL) and
+    Runs in admission and again in read_json: it reads the raw path from the scope (`request.url` parses the whole URL) and
     never builds a config (a GatewayConfig() here was 4% of the gateway's CPU under load; BENCHMARKS.md)."""
     state = request.app.state
     own = getattr(state, "body_limits", None)

@@ -103,12 +103,14 @@ class AutoscalingConfig(Strict):
     def _ordered(self) -> "AutoscalingConfig":
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
-        # Serve averages over the look-back window the reports it got: a window shorter than the interval between
-        # reports averages over at most one (Serve warns, and says a later release will refuse it).
-        interval = self.metrics_interval_s or 10.0
-        if self.look_back_period_s is not None and self.look_back_period_s <= interval:
-            raise ValueError(f"look_back_period_s ({self.look_back_period_s:g}) must be longer than "
-                             f"metrics_interval_s ({interval:g}{'' if self.metrics_interval_s else ', Serve default'})")
+        # Each load report covers only the last look_back_period_s, so a window no longer than the interval between
+        # reports leaves the load between them unseen (Serve warns, and says a later release will refuse it; it does
+        # not check its own defaults).
+        interval, look_back = self.metrics_interval_s or 10.0, self.look_back_period_s or 30.0
+        if look_back <= interval:
+            raise ValueError(
+                f"look_back_period_s ({look_back:g}{'' if self.look_back_period_s else ', Serve default'}) must be "
+                f"longer than metrics_interval_s ({interval:g}{'' if self.metrics_interval_s else ', Serve default'})")
         return self
 
 

@@ -105,6 +105,8 @@ def test_a_look_back_window_shorter_than_the_load_reports_is_an_error():
     reports (10 s by default) averages over at most one report."""
     with pytest.raises(ValueError, match=r"look_back_period_s \(5\) must be longer than metrics_interval_s \(10, Serve"):
         AutoscalingConfig(look_back_period_s=5)
+    with pytest.raises(ValueError, match=r"look_back_period_s \(30, Serve default\) must be longer than metrics_interval_s \(60\)"):
+        AutoscalingConfig(metrics_interval_s=60)
     options = ModelConfig(name="m", task="embed", source="./x", deployment={"autoscaling": {
         "look_back_period_s": 1, "metrics_interval_s": 0.25}}).deployment.serve_options()["autoscaling_config"]
     assert options["look_back_period_s"] == 1 and options["metrics_interval_s"] == 0.25
