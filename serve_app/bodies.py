@@ -48,8 +48,9 @@ DEFAULT_MAX_BODY_BYTES = GatewayConfig.model_fields["max_body_bytes"].default
 
 def body_limit(request: Request) -> int:
     """max_body_bytes, unless the route has its own limit (the batch file upload: serve_app/batches/routes.py).
-    Runs in admission and again in read_json: it reads the raw path from the scope (`request.url` parses the whole URL) and
-    never builds a config (a GatewayConfig() here was 4% of the gateway's CPU under load; BENCHMARKS.md)."""
+    Runs in admission and again in read_json, so it reads the raw path from the scope (`request.url` parses the
+    whole URL) and never builds a config: with a GatewayConfig() as getattr's default it took 4% of the gateway's
+    GIL time under load, most of it building that config (BENCHMARKS.md, serving path)."""
     state = request.app.state
     own = getattr(state, "body_limits", None)
     return (own and own.get(request.scope["path"])) or getattr(state, "max_body_bytes", DEFAULT_MAX_BODY_BYTES)

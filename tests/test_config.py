@@ -101,11 +101,13 @@ def test_both_scaling_modes_at_once_is_an_error():
 
 
 def test_a_look_back_window_shorter_than_the_load_reports_is_an_error():
-    """Serve averages over the look-back window the reports it received; one no longer than the interval between
-    reports (10 s by default) averages over at most one report."""
-    with pytest.raises(ValueError, match=r"look_back_period_s \(5\) must be longer than metrics_interval_s \(10, Serve"):
+    """Each load report covers only the last look_back_period_s: a window no longer than the interval between reports
+    (10 s by default) leaves the load between them unseen. Serve's own defaults (30 s window) count too."""
+    with pytest.raises(ValueError, match=r"look_back_period_s \(5\) must be longer than "
+                                         r"metrics_interval_s \(10, Serve default\)"):
         AutoscalingConfig(look_back_period_s=5)
-    with pytest.raises(ValueError, match=r"look_back_period_s \(30, Serve default\) must be longer than metrics_interval_s \(60\)"):
+    with pytest.raises(ValueError, match=r"look_back_period_s \(30, Serve default\) must be longer than "
+                                         r"metrics_interval_s \(60\)"):
         AutoscalingConfig(metrics_interval_s=60)
     options = ModelConfig(name="m", task="embed", source="./x", deployment={"autoscaling": {
         "look_back_period_s": 1, "metrics_interval_s": 0.25}}).deployment.serve_options()["autoscaling_config"]
