@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from serve_app.credit.book import CreditBook  # noqa: E402
-from serve_app.credit.gateway import CreditGuard  # noqa: E402
-from serve_app.directory import ModelEntry  # noqa: E402
-from serve_app.ledger import Ledger, UsageRecord  # noqa: E402
-from serve_app.store import (KeyStore, api_keys, connect, credit_journal, credit_totals, usage_debits,  # noqa: E402
+from serve_app.accounts.credit.book import CreditBook  # noqa: E402
+from serve_app.accounts.credit.guard import CreditGuard  # noqa: E402
+from serve_app.gateway.directory import ModelEntry  # noqa: E402
+from serve_app.accounts.ledger import Ledger, UsageRecord  # noqa: E402
+from serve_app.accounts.store import (KeyStore, api_keys, connect, credit_journal, credit_totals, usage_debits,  # noqa: E402
                              usage_records)
 
 MODEL = ModelEntry(app_name="reranker", deployed_at=1.0,

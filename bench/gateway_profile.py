@@ -101,7 +101,7 @@ def main() -> None:
     args = parser.parse_args()
     paths = serving_checkpoints(Path(args.checkpoints), "tiny", None)
 
-    from serve_app.store import KeyStore, connect
+    from serve_app.accounts.store import KeyStore, connect
     from tests.serving import ServeInstance, free_port
 
     workdir = Path(tempfile.mkdtemp(prefix="gateway-profile-"))

@@ -1,4 +1,4 @@
-"""Response rendering: Starlette's JSONResponse (json.dumps) vs serve_app.responses.OrjsonResponse, side by side.
+"""Response rendering: Starlette's JSONResponse (json.dumps) vs serve_app.gateway.responses.OrjsonResponse, side by side.
 
     python bench/json_bench.py                 # an OpenAI embeddings body of 100 x 1024 floats, and a 1000-result rerank
 
@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from serve_app.responses import OrjsonResponse  # noqa: E402
+from serve_app.gateway.responses import OrjsonResponse  # noqa: E402
 
 
 def bodies() -> dict[str, object]:

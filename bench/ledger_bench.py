@@ -4,7 +4,7 @@
     python bench/ledger_bench.py --rows 20000 --concurrency 512
 
 Each mode writes the same rows from `concurrency` concurrent requests on one event loop (one gateway replica);
-the group-commit mode is serve_app.ledger.Ledger itself. Prints rows/s of both and their ratio.
+the group-commit mode is serve_app.accounts.ledger.Ledger itself. Prints rows/s of both and their ratio.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from serve_app.ledger import Ledger, UsageRecord, _insert_ignoring_duplicates  # noqa: E402
-from serve_app.store import connect, usage_records  # noqa: E402
+from serve_app.accounts.ledger import Ledger, UsageRecord, _insert_ignoring_duplicates  # noqa: E402
+from serve_app.accounts.store import connect, usage_records  # noqa: E402
 
 
 def rows(count: int, tag: str) -> list[UsageRecord]:

@@ -4,7 +4,7 @@ Workload (fixed, deterministic): a corpus of 1,000 texts of 10 to 60 words and 1
 (bench.engine_bench.make_texts: the standard library's docstrings), queries embedded with the web-search
 instruction (Cohere's input_type search_query), documents without. The int8/uint8 ranges come from the model's
 calibration file, made here from the shipped calibration corpus exactly as `python -m
-serve_app.quantization.calibration` makes it (a different text sample than the benchmark's corpus, as in use).
+serve_app.replica.quantization.calibration` makes it (a different text sample than the benchmark's corpus, as in use).
 
 Retrieval, for each query, the 10 nearest corpus texts:
   float   cosine (dot product of the unit vectors): the reference
@@ -14,7 +14,7 @@ Retrieval, for each query, the 10 nearest corpus texts:
 recall@10 = |top10(type) & top10(float)| / 10, averaged over the queries.
 
 Sizes: the JSON bytes of POST /v2/embed's `embeddings` for 96 texts (Cohere's batch) per type, as the gateway
-encodes and renders them (serve_app.quantization.encode, orjson as in serve_app/responses.py).
+encodes and renders them (serve_app.replica.quantization.encode, orjson as in serve_app/gateway/responses.py).
 
     python bench/quantization_bench.py --shape 0.6b      # shape-true 0.6B, all 28 layers (CPU: about 15 minutes)
     python bench/quantization_bench.py --shape tiny      # seconds
@@ -37,8 +37,8 @@ from bench.engine_bench import make_texts  # noqa: E402
 from models import Qwen3Embedder  # noqa: E402
 from models.checkpoints import build_checkpoint, checkpoint_name  # noqa: E402
 from serve_app import quantization  # noqa: E402
-from serve_app.instructions import WEB_SEARCH_QUERY  # noqa: E402
-from serve_app.quantization.calibration import Calibration, calibrate  # noqa: E402
+from serve_app.replica.instructions import WEB_SEARCH_QUERY  # noqa: E402
+from serve_app.replica.quantization.calibration import Calibration, calibrate  # noqa: E402
 
 K = 10
 RESCORE = 100

@@ -15,7 +15,7 @@ one Serve *application per model* plus one *gateway* application (the HTTP ingre
 
 Why one application per model: Ray Serve restarts every deployment of an application whose `args` change
 (design.md section 6). With one model per application, adding, removing or changing a model restarts that model
-only; the gateway finds models at run time (serve_app/directory.py), so its args never list them.
+only; the gateway finds models at run time (serve_app/gateway/directory.py), so its args never list them.
 
 Serve silently drops misspelled deployment options, so this module validates the *whole* file with
 `extra="forbid"` everywhere: `python -m serve_app.config configs/prod.yaml` checks a file (`--fetch` also fetches
@@ -35,7 +35,7 @@ from typing import Annotated, Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from serve_app.credit.amounts import EXACT
+from serve_app.accounts.credit.amounts import EXACT
 
 MODEL_IMPORT_PATH = "serve_app.app:model_app"
 GATEWAY_IMPORT_PATH = "serve_app.app:gateway_app"
@@ -67,7 +67,7 @@ class BatchingConfig(Strict):
     max_batch_tokens: int = Field(default=65536, ge=256)
     # How long the first request of a batch waits for company in @serve.batch. Only requests that arrive while the
     # engine is busy take that path (they would wait for the running pass anyway); one that finds it idle runs at
-    # once (serve_app/deployment.py).
+    # once (serve_app/replica/deployment.py).
     max_wait_ms: float = Field(default=2.0, ge=0, le=1000)
     # Requests a replica accepts while its engine is busy, beyond those in the running forward pass; the next
     # one is refused at once (503 + Retry-After) instead of waiting. Bounds latency per replica, whatever the
@@ -177,7 +177,7 @@ class DeploymentOptions(Strict):
 
 class Price(Strict):
     """What usage of a model costs, priced the way hosted APIs price these models: the gateway debits prepaid keys
-    by it (serve_app/credit) and the usage report multiplies it out. Exact decimals (a YAML 0.05 is the decimal
+    by it (serve_app/accounts/credit) and the usage report multiplies it out. Exact decimals (a YAML 0.05 is the decimal
     0.05), with at most as many decimal places as make the cost of one document or one token a whole number of
     the credit store's 10^-12 units, so no cost is ever rounded."""
 
@@ -238,7 +238,7 @@ class ModelConfig(Strict):
     # None: one window, i.e. cut as the model card does.
     max_chunks_per_doc: int | None = Field(default=None, ge=1)
     # Embedders: the file that fixes this model's int8/uint8 ranges, made once from the shipped calibration corpus
-    # by `python -m serve_app.quantization.calibration` (a local path, as `source`). None: int8 and uint8
+    # by `python -m serve_app.replica.quantization.calibration` (a local path, as `source`). None: int8 and uint8
     # embeddings are refused (400); float, base64 and binary need none. With build_offline, a missing file is made
     # at start-up (offline test models only: the ranges of real weights must come from one reviewed file).
     calibration: str | None = None
@@ -301,7 +301,7 @@ class S3FileStorage(Strict):
 
 
 class BatchesConfig(Strict):
-    """The OpenAI Batch API (serve_app/batches/): limits, where files live, and how the runner works."""
+    """The OpenAI Batch API (serve_app/gateway/batches/): limits, where files live, and how the runner works."""
 
     storage: LocalFileStorage | S3FileStorage = Field(default_factory=LocalFileStorage, discriminator="kind")
     # OpenAI's limits: an upload past max_file_bytes or max_file_lines is refused with 413; an embeddings batch
@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def fetch_all_weights(path: str | Path, config: ServeConfigFile) -> bool:
-    from serve_app.loading import prefetch_weights  # huggingface_hub, only when asked for
+    from serve_app.replica.loading import prefetch_weights  # huggingface_hub, only when asked for
 
     models = config.model_configs()
     print(f"{path}: fetching the weights of {len(models)} models", flush=True)

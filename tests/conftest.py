@@ -39,7 +39,7 @@ def tiny_embedder_path() -> Path:
 def tiny_calibration_path(tiny_embedder_path) -> Path:
     """The tiny embedder's calibration file (its fixed int8/uint8 ranges), made once from the shipped corpus before
     any served replica needs it, so tests and replicas read the same file."""
-    from serve_app.quantization.calibration import Calibration, calibrate, corpus_sha256
+    from serve_app.replica.quantization.calibration import Calibration, calibrate, corpus_sha256
     from tests.serving import calibration_path
 
     path = calibration_path(tiny_embedder_path)
@@ -59,7 +59,7 @@ def key_database(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def key_store(key_database):
-    from serve_app.store import KeyStore, connect
+    from serve_app.accounts.store import KeyStore, connect
 
     return KeyStore(connect(key_database))
 

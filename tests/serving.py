@@ -175,7 +175,7 @@ class ServeInstance:
         the session's keys keep working), and put back afterwards."""
         from sqlalchemy import insert, select
 
-        from serve_app.store import api_keys, connect
+        from serve_app.accounts.store import api_keys, connect
 
         with connect(key_database).connect() as source:
             keys = [dict(row._mapping) for row in source.execute(select(api_keys))]

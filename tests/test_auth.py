@@ -9,8 +9,8 @@ import httpx
 import pytest
 from ray.serve._private.http_util import _walk_fastapi_routes
 
-from serve_app.auth import OPEN_PATHS
-from serve_app.ingress import api
+from serve_app.accounts.auth import OPEN_PATHS
+from serve_app.gateway.ingress import api
 from tests.serving import RERANKER
 
 
@@ -72,7 +72,7 @@ def test_new_key_works_at_once_and_a_revoked_key_stops_within_seconds(served, ke
         time.sleep(0.2)
 
 
-# ---- key management over HTTP (serve_app/admin.py) --------------------------------------------------------------
+# ---- key management over HTTP (serve_app/gateway/admin.py) --------------------------------------------------------------
 
 ADMIN_ROUTES = [("GET", "/v1/admin/keys"), ("POST", "/v1/admin/keys"), ("DELETE", "/v1/admin/keys/abc123")]
 
@@ -157,7 +157,7 @@ def test_admin_routes_are_off_while_auth_is_off():
     """No key can be trusted with auth off, so key management stays with the CLI."""
     from types import SimpleNamespace
 
-    from serve_app.admin import admin_guard
+    from serve_app.gateway.admin import admin_guard
     from serve_app.errors import Forbidden
 
     request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(key_guard=None)), state=SimpleNamespace())

@@ -11,12 +11,12 @@ from pydantic import ValidationError
 from sqlalchemy import inspect, select, text
 
 from serve_app import usage
-from serve_app.batches.lines import copy_upload, line_request_id, validate_input
-from serve_app.batches.store import BatchStore, LeaseLost, batch_files, batches
+from serve_app.gateway.batches.lines import copy_upload, line_request_id, validate_input
+from serve_app.gateway.batches.store import BatchStore, LeaseLost, batch_files, batches
 from serve_app.config import Price
 from serve_app.errors import PayloadTooLarge
-from serve_app.ledger import UsageRecord, usage_totals
-from serve_app.store import connect, usage_records
+from serve_app.accounts.ledger import UsageRecord, usage_totals
+from serve_app.accounts.store import connect, usage_records
 
 
 @pytest.fixture
@@ -78,9 +78,9 @@ def test_a_checkpoint_debits_a_prepaid_keys_lines_in_its_transaction_and_a_refus
     usage rows, and a checkpoint refused for a lost lease debits nothing."""
     from types import SimpleNamespace
 
-    from serve_app.credit.book import CreditBook
-    from serve_app.credit.gateway import CreditGuard
-    from serve_app.store import KeyStore, usage_debits
+    from serve_app.accounts.credit.book import CreditBook
+    from serve_app.accounts.credit.guard import CreditGuard
+    from serve_app.accounts.store import KeyStore, usage_debits
 
     with store.engine.begin() as connection:
         connection.execute(usage_debits.delete())
@@ -145,7 +145,7 @@ def test_an_older_usage_table_gets_the_batch_column(database_url):
 
 
 def test_batch_usage_is_reported_apart_and_priced_with_the_batch_factor(store):
-    from serve_app.ledger import insert_usage
+    from serve_app.accounts.ledger import insert_usage
 
     online = UsageRecord(request_id="req_online", fingerprint="", key_id="k1", model="qwen3-embedding-0.6b",
                          route="/v1/embeddings", input_tokens=1_000_000, embeddings=1)

@@ -17,8 +17,8 @@ import pytest
 from openai import APIStatusError, NotFoundError, OpenAI
 from sqlalchemy import select, update
 
-from serve_app.batches.store import batches as batches_table
-from serve_app.store import connect, usage_records
+from serve_app.gateway.batches.store import batches as batches_table
+from serve_app.accounts.store import connect, usage_records
 from tests.serving import (EMBEDDER, RERANKER, TEST_MAX_BATCH_EMBEDDING_INPUTS, TEST_MAX_BATCH_FILE_BYTES,
                            TEST_MAX_BATCH_LINES, application, free_port)
 from tests.texts import DOCUMENTS, NONEMPTY_QUERIES
@@ -220,8 +220,8 @@ def test_a_prepaid_keys_lines_are_debited_at_the_batch_price_and_refused_once_sp
     create a batch."""
     from decimal import Decimal
 
-    from serve_app.credit.book import CreditBook
-    from serve_app.store import usage_debits
+    from serve_app.accounts.credit.book import CreditBook
+    from serve_app.accounts.store import usage_debits
     from tests.serving import TEST_PRICES
 
     credit = Decimal("0.0000002")  # a handful of lines at 0.01 per 1M tokens

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve_app.capacity import (
+from serve_app.cluster.capacity import (
     UNIT,
     ClusterConfigError,
     ClusterSpec,

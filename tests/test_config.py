@@ -12,9 +12,9 @@ from ray.serve.schema import ServeDeploySchema
 
 from serve_app.config import (AutoscalingConfig, GatewayConfig, ModelConfig, ServeConfigFile, load_config_file, main,
                               validate_args)
-from serve_app.directory import STARTING_RETRY_AFTER_S, ModelApp, ModelDirectory
+from serve_app.gateway.directory import STARTING_RETRY_AFTER_S, ModelApp, ModelDirectory
 from serve_app.errors import InvalidRequest, ModelNotFound, ModelStarting
-from serve_app.loading import ModelLoadError, fetch_weights
+from serve_app.replica.loading import ModelLoadError, fetch_weights
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 
@@ -159,7 +159,7 @@ def test_missing_local_checkpoint_says_how_to_build_it(tmp_path):
 
 
 def test_gateway_modules_never_import_torch():
-    code = "import sys, serve_app.ingress, serve_app.app; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, serve_app.gateway.ingress, serve_app.app; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -14,13 +14,13 @@ from sqlalchemy import select
 
 from serve_app import keys, usage
 from serve_app.config import ModelConfig, Price
-from serve_app.credit.amounts import InvalidAmount, decimal_text, from_units, parse_amount, to_units
-from serve_app.credit.book import CreditBook, InvalidCreditEntry, UnknownKey
-from serve_app.credit.gateway import CreditGuard
-from serve_app.directory import ModelEntry
+from serve_app.accounts.credit.amounts import InvalidAmount, decimal_text, from_units, parse_amount, to_units
+from serve_app.accounts.credit.book import CreditBook, InvalidCreditEntry, UnknownKey
+from serve_app.accounts.credit.guard import CreditGuard
+from serve_app.gateway.directory import ModelEntry
 from serve_app.errors import IdempotencyConflict, InsufficientQuota
-from serve_app.ledger import Ledger, UsageRecord
-from serve_app.store import (KeyStore, api_keys, connect, credit_journal, credit_totals, usage_debits,
+from serve_app.accounts.ledger import Ledger, UsageRecord
+from serve_app.accounts.store import (KeyStore, api_keys, connect, credit_journal, credit_totals, usage_debits,
                              usage_records)
 
 RERANKER_PRICE = {"per_1k_documents": "0.05"}

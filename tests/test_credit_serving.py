@@ -13,9 +13,9 @@ from sqlalchemy import select
 
 from serve_app import keys
 from serve_app.config import Price
-from serve_app.credit.amounts import decimal_text
-from serve_app.credit.book import CreditBook
-from serve_app.store import KeyStore, connect, usage_records
+from serve_app.accounts.credit.amounts import decimal_text
+from serve_app.accounts.credit.book import CreditBook
+from serve_app.accounts.store import KeyStore, connect, usage_records
 from tests.serving import RERANKER, TEST_PRICES
 
 RERANK_BODY = {"model": RERANKER, "query": "what do pandas eat?", "documents": ["bamboo", "Paris"]}

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from models.reranker import RerankJob
-from serve_app.deployment import ModelServer, job_tokens
+from serve_app.replica.deployment import ModelServer, job_tokens
 from serve_app.errors import InternalError, Overloaded
 
 

@@ -8,7 +8,7 @@ import yaml
 from sqlalchemy import select
 
 from serve_app import keys
-from serve_app.store import (InvalidKeySettings, KeyStore, api_keys, connect, database_url as resolve_url, hash_key,
+from serve_app.accounts.store import (InvalidKeySettings, KeyStore, api_keys, connect, database_url as resolve_url, hash_key,
                              verify)
 
 

@@ -1,7 +1,7 @@
 """k8s/rayservice.yaml, checked offline: KubeRay's RayService CRD with unknown keys refused, serveConfigV2 equal to
 configs/prod.yaml and valid for our schema and Serve's, the database URL from a Secret, the PodMonitor matching the
 pods' metrics port, and prod.yaml's replicas packed onto the manifest's groups at min and at max. No Kubernetes and
-no Ray cluster: the CRD schema is read with jsonschema, the packing is serve_app.capacity's."""
+no Ray cluster: the CRD schema is read with jsonschema, the packing is serve_app.cluster.capacity's."""
 
 import copy
 from fractions import Fraction
@@ -12,8 +12,8 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 from sqlalchemy.engine import make_url
 
-from serve_app.capacity import ClusterConfigError, deployment_demands, main, plan_capacity
-from serve_app.kuberay import (load_manifest, parse_quantity, ray_resources, rayservice_cluster, serve_config,
+from serve_app.cluster.capacity import ClusterConfigError, deployment_demands, main, plan_capacity
+from serve_app.cluster.kuberay import (load_manifest, parse_quantity, ray_resources, rayservice_cluster, serve_config,
                                validate_rayservice)
 
 REPO = Path(__file__).resolve().parent.parent

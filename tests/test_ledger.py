@@ -15,8 +15,8 @@ from sqlalchemy import func, select
 
 from serve_app import usage
 from serve_app.errors import IdempotencyConflict
-from serve_app.ledger import Ledger, UsageRecord, request_id, sum_totals, usage_totals
-from serve_app.store import KeyStore, api_keys, connect, usage_records
+from serve_app.accounts.ledger import Ledger, UsageRecord, request_id, sum_totals, usage_totals
+from serve_app.accounts.store import KeyStore, api_keys, connect, usage_records
 
 
 @pytest.fixture

@@ -5,10 +5,10 @@ import pytest
 
 from models import Qwen3Embedder
 from models.checkpoints import random_model
-from serve_app import quantization
+from serve_app.replica import quantization
 from serve_app.config import ModelConfig
-from serve_app.loading import ModelLoadError, load_calibration
-from serve_app.quantization.calibration import (CHECK_TEXTS, Calibration, CalibrationError, calibrate, corpus_sha256,
+from serve_app.replica.loading import ModelLoadError, load_calibration
+from serve_app.replica.quantization.calibration import (CHECK_TEXTS, Calibration, CalibrationError, calibrate, corpus_sha256,
                                                 corpus_texts)
 
 
@@ -99,7 +99,7 @@ def test_the_file_fixes_the_ranges_bit_for_bit(tiny_calibration_path, tmp_path, 
 def test_calibration_embeds_the_corpus_as_documents_and_as_queries(engine, calibration):
     texts = corpus_texts()
     assert np.abs(calibration.embeddings[:3] - engine.embed(texts[:3]).embeddings).max() <= 1e-6
-    from serve_app.instructions import WEB_SEARCH_QUERY
+    from serve_app.replica.instructions import WEB_SEARCH_QUERY
 
     queries = engine.embed(texts[:3], instruction=WEB_SEARCH_QUERY).embeddings
     assert np.abs(calibration.embeddings[len(texts):len(texts) + 3] - queries).max() <= 1e-6
@@ -124,7 +124,7 @@ def test_load_refuses_what_is_not_a_calibration_file(tmp_path):
 def test_a_missing_file_fails_the_start_up_with_the_command_to_make_it(engine, tmp_path, tiny_embedder_path):
     config = ModelConfig(name="e", task="embed", source=str(tiny_embedder_path),
                          calibration=str(tmp_path / "none.npz"))
-    with pytest.raises(ModelLoadError, match="python -m serve_app.quantization.calibration"):
+    with pytest.raises(ModelLoadError, match="python -m serve_app.replica.quantization.calibration"):
         load_calibration(config, engine)
     assert load_calibration(config.model_copy(update={"calibration": None}), engine) is None
 
@@ -142,7 +142,7 @@ def test_config_keeps_each_option_to_its_task(args, message):
 def test_an_uncalibrated_model_refuses_int8_and_uint8_before_any_work(tiny_embedder_path):
     import asyncio
 
-    from serve_app.deployment import ModelServer
+    from serve_app.replica.deployment import ModelServer
     from serve_app.errors import InvalidRequest
 
     server = ModelServer.func_or_class({"name": "e", "task": "embed", "source": str(tiny_embedder_path),
@@ -154,7 +154,7 @@ def test_an_uncalibrated_model_refuses_int8_and_uint8_before_any_work(tiny_embed
 
 
 def test_the_command_makes_a_file_the_replica_accepts(tiny_embedder_path, tmp_path, engine, calibration):
-    from serve_app.quantization.calibration import main
+    from serve_app.replica.quantization.calibration import main
 
     out = tmp_path / "made.npz"
     assert main(["--source", str(tiny_embedder_path), "--out", str(out), "--device", "cpu"]) == 0

@@ -4,7 +4,7 @@ import asyncio
 
 import httpx
 
-from serve_app.ratelimit import Bucket
+from serve_app.accounts.ratelimit import Bucket
 from tests.serving import EMBEDDER, RERANKER
 
 

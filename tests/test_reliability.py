@@ -11,7 +11,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from serve_app.store import connect, usage_records
+from serve_app.accounts.store import connect, usage_records
 from tests.serving import NARROW_RERANKER, RERANKER
 from tests.texts import DOCUMENTS, NONEMPTY_QUERIES, QUERIES
 

@@ -1,0 +1,274 @@
+"""One inference request, whoever carries it: parsed body -> model lookup -> handle call -> response body and usage.
+
+The HTTP routes (serve_app/gateway/ingress.py) and the batch runner (serve_app/gateway/batches/runner.py) both serve a request
+through `ENDPOINTS[path]`, so a batch line is answered exactly as the same body sent online: same validation, same
+errors, same model call, same response. What differs stays with the carrier: the gateway bills each request in
+the ledger before answering and adds headers; the runner bills the lines of a checkpoint in one transaction and
+writes them to the output file.
+
+An endpoint is an `Endpoint`: its wire schema and a handler that takes the parsed body and a `RequestContext` and
+returns `Served`. OpenAI's embeddings and the Cohere / Jina / vLLM rerank are here; Cohere's /v2/embed is in
+serve_app/gateway/cohere_embed.py; serve_app/gateway/endpoints.py lists the ones a request (and a batch) can name.
+
+Prepaid credit (serve_app/accounts/credit) is checked where a request resolves its model, before any model call, so every
+endpoint and both carriers refuse a spent key the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import numpy as np
+from pydantic import BaseModel
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
+
+from serve_app.gateway import protocol
+from serve_app.config import GatewayConfig
+from serve_app.gateway.directory import ModelDirectory, ModelEntry
+from serve_app.errors import (InvalidRequest, ModelNotFound, ModelUnavailable, Overloaded, PayloadTooLarge,
+                              RequestTimeout, ServingError)
+from serve_app.replica.quantization import base64_float32
+
+if TYPE_CHECKING:
+    from serve_app.accounts.credit.guard import CreditGuard
+
+logger = logging.getLogger("ray.serve")
+
+# How often a request waiting on a model checks that the model is still deployed (see ModelCalls._await_while_served).
+REMOVAL_CHECK_S = 1.0
+
+# Cohere bills one search unit per query with up to 100 documents.
+DOCUMENTS_PER_SEARCH_UNIT = 100
+
+
+def search_units(documents: int) -> int:
+    return math.ceil(documents / DOCUMENTS_PER_SEARCH_UNIT)
+
+
+def rank(scores: list[float], top_n: int | None) -> list[int]:
+    """Indices by score, best first; ties keep input order."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    return order[:top_n] if top_n is not None else order
+
+
+def model_call_error(exc: BaseException, retry_after_s: int) -> ServingError | BaseException:
+    """What a failed handle call means for the client."""
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, ServingError):
+        return exc.cause
+    retry = {"Retry-After": str(retry_after_s)}
+    if isinstance(exc, BackPressureError):
+        return Overloaded("the model's queue is full; retry shortly", headers=retry)
+    if isinstance(exc, (DeploymentUnavailableError, RayActorError)):
+        return ModelUnavailable(f"the model is unavailable ({type(exc).__name__}); retry shortly", headers=retry)
+    return exc
+
+
+class ModelCalls:
+    """Model lookup and model calls for one carrier (a gateway replica, the batch runner).
+
+    `call_options` go with every handle call (the runner sends `background=True`, so model replicas run its work
+    only when no online request waits); `admit(model)` is an async context manager around each call (the runner
+    bounds its calls in flight per model with it); `credit` refuses prepaid keys whose credit is spent and learns
+    the price of each model a request resolves to (what its debit is computed with)."""
+
+    def __init__(self, directory: ModelDirectory, config: GatewayConfig, *, call_options: dict[str, Any] | None = None,
+                 admit: Callable[[str], Any] | None = None, credit: CreditGuard | None = None):
+        self.directory = directory
+        self.config = config
+        self.call_options = call_options or {}
+        self.admit = admit
+        self.credit = credit
+
+    async def call(self, entry: ModelEntry, method: str, *args) -> dict[str, Any]:
+        if self.admit is None:
+            return await self._call(entry, method, *args)
+        async with self.admit(entry.name):
+            return await self._call(entry, method, *args)
+
+    async def _call(self, entry: ModelEntry, method: str, *args) -> dict[str, Any]:
+        """One model call, retried when the replica died before answering: the models are pure functions of
+        their input, so a retry is safe, and usage is recorded only once the answer is here. Bounded by
+        model_call_attempts and by the request's deadline (request_timeout_s: 504 past it)."""
+        deadline = time.monotonic() + self.config.request_timeout_s
+        for attempt in range(1, self.config.model_call_attempts + 1):
+            response = entry.method(method).remote(*args, **self.call_options)
+            try:
+                return await self._await_while_served(entry, response, deadline)
+            except (RequestCancelledError, ServingError):
+                raise
+            except RayActorError as exc:
+                if attempt < self.config.model_call_attempts and time.monotonic() < deadline:
+                    logger.warning("gateway: a %s replica died before answering (%s); retrying, attempt %d of %d",
+                                   entry.name, type(exc).__name__, attempt + 1, self.config.model_call_attempts)
+                    continue
+                error = model_call_error(exc, self.config.retry_after_s)
+            except Exception as exc:  # noqa: BLE001 - classified below
+                error = model_call_error(exc, self.config.retry_after_s)
+            if isinstance(error, ServingError):
+                raise error from None
+            raise error
+
+    async def _await_while_served(self, entry: ModelEntry, response, deadline: float) -> dict[str, Any]:
+        """The model's answer, unless its application is removed first or the deadline passes (504; the model
+        call is cancelled, which frees its place in the batch queue). A handle to a deleted application waits for
+        replicas that never come, so a request that raced a `serve deploy` removing its model would hang; the
+        directory's refresh notices the removal and the request gets the same 404 as one sent after."""
+        async def answer():
+            return await response
+
+        pending = asyncio.ensure_future(answer())
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=max(0.0, min(REMOVAL_CHECK_S,
+                                                                         deadline - time.monotonic())))
+            if done:
+                return pending.result()
+            if time.monotonic() >= deadline:
+                failure: ServingError = RequestTimeout(
+                    f"model {entry.name!r} did not answer within {self.config.request_timeout_s} s "
+                    "(request_timeout_s); the request was cancelled and not billed",
+                    headers={"Retry-After": str(self.config.retry_after_s)})
+            elif self.directory.was_removed(entry):
+                failure = ModelNotFound(f"model {entry.name!r} was removed while this request waited; served "
+                                        f"models: {self.directory.names_text()}", param="model")
+            else:
+                continue
+            response.cancel()
+            pending.cancel()
+            raise failure
+
+
+@dataclass
+class RequestContext:
+    """One request's view of its carrier: its ledger id, its API key's id (None with auth off), and the model it
+    resolved to (a metrics label)."""
+
+    calls: ModelCalls
+    request_id: str
+    key_id: str | None = None
+    model: str | None = None
+
+    @property
+    def config(self) -> GatewayConfig:
+        return self.calls.config
+
+    async def resolve(self, name: str | None, task: str) -> ModelEntry:
+        """The model a request names; no name (TEI's body) means the one model of that task. Every endpoint
+        resolves its model before calling it, so this is where a key whose credit is spent is refused (429)."""
+        credit = self.calls.credit
+        if credit is not None and self.key_id is not None:
+            credit.admit(self.key_id)
+        directory = self.calls.directory
+        entry = await (directory.resolve(name, task) if name is not None else directory.only_model(task))
+        self.model = entry.name  # only served names, never what a client typed
+        if credit is not None:
+            credit.pricing.note(entry)  # the price this request's debit is computed with
+        return entry
+
+    async def call(self, entry: ModelEntry, method: str, *args) -> dict[str, Any]:
+        return await self.calls.call(entry, method, *args)
+
+    def check_document_count(self, count: int, param: str) -> None:
+        if count > self.config.max_rerank_documents:
+            raise PayloadTooLarge(f"{count} documents; at most {self.config.max_rerank_documents} per request",
+                                  param=param)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one served request is billed: the columns of its ledger row."""
+
+    model: str
+    input_tokens: int
+    documents: int = 0
+    embeddings: int = 0
+    dimensions: int | None = None
+    windows: int | None = None  # rerank prompts scored, when documents were split into chunks
+
+    @property
+    def search_units(self) -> int:
+        """Cohere bills chunks: each window counts as a document."""
+        return search_units(self.documents if self.windows is None else self.windows)
+
+
+@dataclass(frozen=True)
+class Served:
+    body: Any  # the JSON response body
+    usage: Usage
+
+
+# ---- the handlers -------------------------------------------------------------------------------------------
+
+async def embed_inputs(context: RequestContext, model: str, inputs: list[str] | list[list[int]], *, param: str,
+                       instruction: str | None = None, dimensions: int | None = None, truncate: bool = True,
+                       truncate_side: str = "end", max_tokens: int | None = None,
+                       with_ranges: bool = False) -> tuple[ModelEntry, dict[str, Any], Usage]:
+    """What every embeddings endpoint does (OpenAI's, Cohere's): the input limit (413 naming `param`), the model,
+    one model call. Returns the model, its answer (float32 vectors, token counts and, with `with_ranges`, the
+    model's fixed int8/uint8 ranges for these dimensions) and the usage to bill."""
+    if len(inputs) > context.config.max_embedding_inputs:
+        raise PayloadTooLarge(f"{len(inputs)} inputs; at most {context.config.max_embedding_inputs} per request",
+                              param=param)
+    entry = await context.resolve(model, "embed")
+    out = await context.call(entry, "embed", inputs, instruction, dimensions, truncate, truncate_side, max_tokens,
+                             with_ranges)
+    usage = Usage(entry.name, sum(out["token_counts"]), embeddings=len(inputs),
+                  dimensions=int(out["embeddings"].shape[1]))
+    return entry, out, usage
+
+
+async def serve_embeddings(body: protocol.EmbeddingRequest, context: RequestContext) -> Served:
+    """OpenAI's embeddings."""
+    entry, out, usage = await embed_inputs(context, body.model, body.inputs(), param="input",
+                                           instruction=body.instruction, dimensions=body.dimensions,
+                                           truncate=body.truncate)
+    vectors: np.ndarray = out["embeddings"]
+    encoded = base64_float32(vectors) if body.encoding_format == "base64" else vectors.tolist()
+    return Served({
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(encoded)],
+        "model": entry.name,
+        "usage": {"prompt_tokens": usage.input_tokens, "total_tokens": usage.input_tokens},
+    }, usage)
+
+
+async def serve_rerank(body: protocol.RerankRequest, context: RequestContext) -> Served:
+    """Cohere v2 / Jina / vLLM / Voyage rerank."""
+    documents = body.document_texts()
+    context.check_document_count(len(documents), "documents")
+    if body.top_n is not None and body.top_k is not None and body.top_n != body.top_k:
+        raise InvalidRequest(f"top_k is Voyage's name for top_n: send one (got top_n {body.top_n}, top_k "
+                             f"{body.top_k})", param="top_k")
+    entry = await context.resolve(body.model, "rerank")
+    out = await context.call(entry, "rerank", body.query, documents, body.instruction, body.max_tokens_per_doc,
+                             True, body.max_chunks_per_doc)
+    tokens = sum(out["token_counts"])
+    usage = Usage(entry.name, tokens, documents=len(documents), windows=sum(out["windows"]))
+    results = []
+    for index in rank(out["scores"], body.top_n if body.top_n is not None else body.top_k):
+        result: dict[str, Any] = {"index": index, "relevance_score": out["scores"][index]}
+        if body.return_documents:
+            result["document"] = {"text": documents[index]}
+        results.append(result)
+    return Served({
+        "id": context.request_id,
+        "model": entry.name,
+        "results": results,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        "meta": {"billed_units": {"search_units": usage.search_units}},
+    }, usage)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    schema: type[BaseModel]
+    serve: Callable[[Any, RequestContext], Awaitable[Served]]
+
+
+EMBEDDINGS = Endpoint(protocol.EmbeddingRequest, serve_embeddings)
+RERANK = Endpoint(protocol.RerankRequest, serve_rerank)

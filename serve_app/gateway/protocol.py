@@ -1,0 +1,354 @@
+"""Wire schemas only: what clients send and get back. No serving logic here.
+
+Request models ignore unknown fields (SDKs add fields over time and must keep working) but validate every
+field they know. Shapes follow design.md section 5: OpenAI embeddings; Cohere v2 / Jina / vLLM rerank; TEI rerank.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+
+from serve_app.accounts.credit.amounts import decimal_text
+
+NonNegativeTokenId = Annotated[StrictInt, Field(ge=0)]
+
+
+def _has_text(query: str) -> str:
+    # The model would score an empty query (the model card's prompt allows it), but every document would
+    # then be ranked against nothing: that is a client bug, so say so instead of billing for noise.
+    if not query.strip():
+        raise ValueError("query must not be empty or only whitespace: send the text to rank the documents against")
+    return query
+
+
+QueryText = Annotated[StrictStr, AfterValidator(_has_text)]
+
+
+def unix_seconds(moment: datetime) -> int:
+    # SQLite hands back naive datetimes; the store writes them in UTC.
+    return int((moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp())
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# ---- embeddings (OpenAI) ----------------------------------------------------------------------------------
+
+class EmbeddingRequest(WireModel):
+    model: StrictStr
+    # A string, strings, token ids, or lists of token ids: exactly OpenAI's four forms.
+    input: StrictStr | list[StrictStr] | list[NonNegativeTokenId] | list[list[NonNegativeTokenId]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = None
+    user: StrictStr | None = None
+    # Extension: the query instruction of Qwen3-Embedding ("Instruct: {instruction}\nQuery:{text}"). Send it
+    # for queries, leave it out for documents. The openai SDK passes it with extra_body={"instruction": ...}.
+    instruction: StrictStr | None = None
+    # Extension: false refuses inputs longer than the model's max_length instead of cutting them.
+    truncate: bool = True
+
+    @field_validator("input")
+    @classmethod
+    def _not_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("input must not be an empty list")
+        return value
+
+    def inputs(self) -> list[str] | list[list[int]]:
+        """The four input forms as a list of strings or a list of token-id lists."""
+        if isinstance(self.input, str):
+            return [self.input]
+        if all(isinstance(item, int) for item in self.input):
+            return [list(self.input)]
+        return list(self.input)
+
+
+class Embedding(WireModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(WireModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(WireModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+# ---- embeddings (Cohere v2: POST /v2/embed, as cohere.ClientV2.embed sends it) -----------------------------
+
+CohereInputType = Literal["search_document", "search_query", "classification", "clustering", "image"]
+CohereEmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]
+
+
+class CohereTextContent(WireModel):
+    type: Literal["text"]
+    text: StrictStr | None = None  # optional in the SDK's type; the route refuses an item without it
+
+
+class CohereImageContent(WireModel):
+    type: Literal["image_url"]
+    image_url: Any = None
+
+
+class CohereEmbedInput(WireModel):
+    content: list[Annotated[CohereTextContent | CohereImageContent, Field(discriminator="type")]] = Field(
+        min_length=1)
+
+
+class CohereEmbedRequest(WireModel):
+    model: StrictStr
+    input_type: CohereInputType  # required, as by Cohere's API: queries and documents embed differently
+    texts: list[StrictStr] | None = Field(default=None, min_length=1)
+    inputs: list[CohereEmbedInput] | None = Field(default=None, min_length=1)  # text content only
+    images: list[StrictStr] | None = None  # refused: the model embeds text
+    embedding_types: list[CohereEmbeddingType] = Field(default_factory=lambda: ["float"], min_length=1)
+    output_dimension: StrictInt | None = None
+    max_tokens: StrictInt | None = Field(default=None, ge=1)  # per input, instruction and end token included
+    truncate: Literal["NONE", "START", "END"] = "END"
+    # Extension, as on /v1/embeddings: the query instruction, overriding what input_type implies.
+    instruction: StrictStr | None = None
+
+
+class CohereEmbedMeta(WireModel):
+    api_version: dict[str, str]
+    billed_units: dict[str, int]
+
+
+class CohereEmbedResponse(WireModel):
+    id: str
+    response_type: Literal["embeddings_by_type"] = "embeddings_by_type"
+    embeddings: dict[CohereEmbeddingType, list[list[float]] | list[list[int]] | list[str]]
+    texts: list[str]
+    meta: CohereEmbedMeta
+
+
+# ---- rerank (Cohere v2 / Jina / vLLM / Voyage) ------------------------------------------------------------
+
+class DocumentObject(WireModel):
+    text: StrictStr
+
+
+class RerankRequest(WireModel):
+    model: StrictStr
+    query: QueryText
+    documents: list[StrictStr | DocumentObject] = Field(min_length=1)
+    top_n: StrictInt | None = Field(default=None, ge=1)
+    top_k: StrictInt | None = Field(default=None, ge=1)  # Voyage's name for top_n
+    return_documents: bool = True
+    instruction: StrictStr | None = None
+    max_tokens_per_doc: StrictInt | None = Field(default=None, ge=1)
+    # Cohere v1's: a document too long for the model is scored in up to this many token windows, its score the
+    # best one's (None: the model's configured default, else cut to one window).
+    max_chunks_per_doc: StrictInt | None = Field(default=None, ge=1)
+
+    def document_texts(self) -> list[str]:
+        return [doc if isinstance(doc, str) else doc.text for doc in self.documents]
+
+
+class RerankDocument(WireModel):
+    text: str
+
+
+class RerankResult(WireModel):
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = None
+
+
+class BilledUnits(WireModel):
+    search_units: int
+
+
+class RerankMeta(WireModel):
+    billed_units: BilledUnits
+
+
+class RerankResponse(WireModel):
+    id: str
+    model: str
+    results: list[RerankResult]
+    usage: Usage
+    meta: RerankMeta
+
+
+# ---- rerank (TEI) -----------------------------------------------------------------------------------------
+
+class TEIRerankRequest(WireModel):
+    """TEI's body on /rerank; told apart from the Cohere shape by `texts`. TEI has no model field: the gateway
+    uses the only reranker, or `model` when several are served."""
+
+    model: StrictStr | None = None
+    query: QueryText
+    texts: list[StrictStr] = Field(min_length=1)
+    raw_scores: bool = False
+    return_text: bool = False
+    # TEI's default: refuse an input that is too long rather than cut it.
+    truncate: bool = False
+
+
+class TEIRank(WireModel):
+    index: int
+    score: float
+    text: str | None = None
+
+
+# ---- models -----------------------------------------------------------------------------------------------
+
+class ModelCard(WireModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "qwen3-serve"
+    root: str
+    task: Literal["rerank", "embed"]
+    max_model_len: int
+    dimensions: int | None = None
+    aliases: list[str] = Field(default_factory=list)
+
+
+class ReadyReport(WireModel):
+    """GET /ready when every deployed model can be called (a 503 error names the ones still starting)."""
+
+    status: Literal["ready"]
+    models: list[str]  # the deployed models, by name
+
+
+class ModelList(WireModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---- usage (GET /v1/usage) --------------------------------------------------------------------------------------
+
+class UsageTotals(WireModel):
+    requests: int
+    input_tokens: int
+    documents: int  # rerank documents
+    search_units: int  # Cohere's billing unit: one rerank query with up to 100 documents
+    embeddings: int  # vectors returned
+
+
+class UsageRow(UsageTotals):
+    key_id: str | None  # None for requests served while auth was off
+    model: str
+    day: str  # UTC, YYYY-MM-DD
+    batch: bool = False  # Batch API lines (their model's price may carry a batch factor)
+
+
+class CreditSummary(WireModel):
+    """A prepaid key's credit. Amounts are exact decimal text in the currency of the models' prices."""
+
+    key_id: str
+    balance: str  # now: the journal's sum minus the debits; at or below zero the key is refused
+    credit_added: str  # journal entries in the period (initial credit, top-ups, adjustments)
+    used: str  # debits of the requests served in the period
+
+
+class UsageReport(WireModel):
+    object: Literal["usage_report"] = "usage_report"
+    data: list[UsageRow]
+    totals: UsageTotals
+    credit: list[CreditSummary] = Field(default_factory=list)  # the prepaid keys among those reported
+
+
+# ---- API keys (admin routes, /v1/admin/keys) ---------------------------------------------------------------------
+
+# Credit amounts are decimal strings ("25", "2.50") or JSON numbers, which the admin routes read as exact decimals.
+# Their type is checked with their value by the credit book (serve_app/accounts/credit/amounts.py parse_amount), so the CLI
+# and the routes refuse the same amounts with the same words.
+AMOUNT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "number"}]}
+
+
+class ApiKeyCreateRequest(BaseModel):
+    """Types only: the allowed names and limits are the store's (serve_app/accounts/store.py KeyStore.create), so the CLI and
+    this route refuse the same keys with the same words."""
+
+    # Unlike the inference bodies, unknown fields are refused: a misspelt limit ("request_per_minute") must not
+    # quietly create a key without one.
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr  # who or what the key is for
+    admin: StrictBool = False
+    requests_per_minute: StrictInt | None = None  # None: unlimited
+    tokens_per_minute: StrictInt | None = None  # input tokens; None: unlimited
+    credit: Any = Field(default=None, json_schema_extra=AMOUNT_SCHEMA)  # starting credit (0 allowed); None: unlimited
+
+
+class ApiKeyObject(WireModel):
+    """A key as the admin routes show it: never its secret or hash. Times are Unix seconds, as in OpenAI objects."""
+
+    object: Literal["api_key"] = "api_key"
+    id: str
+    name: str
+    admin: bool
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+    created_at: int
+    revoked_at: int | None
+    balance: str | None = None  # prepaid credit left (exact decimal text); None: no balance, unlimited
+
+    @classmethod
+    def of(cls, key, balance: str | None = None) -> "ApiKeyObject":
+        """From a serve_app.accounts.store.ApiKey (and its balance as decimal text, for a prepaid key)."""
+        return cls(id=key.id, name=key.name, admin=key.admin, requests_per_minute=key.requests_per_minute,
+                   tokens_per_minute=key.tokens_per_minute, created_at=unix_seconds(key.created_at),
+                   revoked_at=unix_seconds(key.revoked_at) if key.revoked_at else None, balance=balance)
+
+
+class CreatedApiKey(ApiKeyObject):
+    secret: str  # `Authorization: Bearer <secret>`; shown in this response only, never stored
+
+
+class ApiKeyList(WireModel):
+    object: Literal["list"] = "list"
+    data: list[ApiKeyObject]
+
+
+# ---- prepaid credit (admin routes, /v1/admin/keys/{id}/credit) ---------------------------------------------------
+
+class CreditEntryRequest(BaseModel):
+    """A top-up (amount > 0) or, with `adjustment`, a correction either way. Unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    amount: Any = Field(json_schema_extra=AMOUNT_SCHEMA)
+    note: StrictStr  # why: an invoice or ticket number, say
+    adjustment: StrictBool = False
+
+
+class CreditEntryObject(WireModel):
+    """One row of a key's credit journal."""
+
+    object: Literal["credit_entry"] = "credit_entry"
+    id: int
+    key_id: str
+    kind: Literal["initial", "top_up", "adjustment"]
+    amount: str  # exact decimal text
+    balance: str  # the balance this entry left
+    note: str
+    actor: str  # who: "key:<admin key id>" or "cli:<OS user>"
+    created_at: int
+
+    @classmethod
+    def of(cls, entry) -> "CreditEntryObject":
+        """From a serve_app.accounts.credit.book.JournalEntry."""
+        return cls(id=entry.seq, key_id=entry.key_id, kind=entry.kind, amount=decimal_text(entry.amount),
+                   balance=decimal_text(entry.balance_after), note=entry.note, actor=entry.actor,
+                   created_at=unix_seconds(entry.created_at))
+
+
+class CreditJournal(WireModel):
+    object: Literal["list"] = "list"
+    data: list[CreditEntryObject]

@@ -1,0 +1,356 @@
+"""The per-model Serve deployment: tokenize -> token-budget queue (@serve.batch) -> engine forward -> results.
+
+One replica holds one engine. A request's path through it:
+
+1. `rerank()` / `embed()` tokenize first, so bad input fails here, before any batching, and the batch queue knows
+   each request's token count. Small inputs are tokenized on the event loop (less than a hand-off to a thread
+   costs), larger ones on a dedicated thread (the Rust tokenizer is used by one thread at a time).
+2. Batching waits only when it pays. A request that finds the engine idle (nothing running, nothing queued) goes
+   straight to the engine queue and runs at once: waiting for company would only add latency. One that arrives
+   while the engine is busy would wait anyway, so it enters `@serve.batch` (budget in tokens, `batch_size_fn`;
+   requests arriving within max_wait_ms form one batch). A job larger than the whole budget skips it.
+3. Whenever the engine is free it takes everything in the engine queue (up to max_batch_tokens), so batches that
+   piled up while it was busy share one forward run.
+4. The engine runs on one engine thread (off the event loop, one run at a time), cutting the work into
+   micro-batches by its own padded-token budget; results come back per job, in order.
+
+Background calls (`background=True`: the batch runner's lines, serve_app/gateway/batches/) wait in a queue of their own that
+the engine takes only when no online request is inside the replica and none has been for `background_grace_ms`, and
+they never count against max_waiting_requests: bulk work fills idle capacity, and an online request waits at most for
+the one background run in progress (only the first one after a quiet spell can meet one; the batch runner bounds how
+much one run holds by its lines in flight per model).
+
+Only text and numbers cross the handle hop: scores, token counts and float32 vectors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import ray
+from ray import serve
+
+from models.errors import EngineInputError
+from serve_app.config import MODEL_DEPLOYMENT_NAME, BatchingConfig, ModelConfig
+from serve_app.errors import InternalError, InvalidRequest, Overloaded
+from serve_app.replica.loading import load_calibration, load_engine
+from serve_app.metrics import ModelMetrics
+
+logger = logging.getLogger("ray.serve")
+MAX_BATCHES_IN_FLIGHT = 64
+# Requests of at most this many characters (query and documents, or inputs) are tokenized on the event loop. The
+# tokenizer takes about 1 us a character here (0.33 ms for a one-document rerank, 1 ms at 1000 characters) and a
+# hand-off to the tokenizer thread and back about 0.13 ms, so small requests skip the hand-off while a large one
+# never holds the event loop for more than about a millisecond.
+INLINE_TOKENIZE_MAX_CHARS = 1024
+
+
+class _TokenBudgetWarningFilter(logging.Filter):
+    """Serve warns when max_batch_size x max_concurrent_batches exceeds max_ongoing_requests, assuming batch size
+    counts requests. Ours counts tokens (batch_size_fn), so the warning is always wrong here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is larger than `max_ongoing_requests`" not in record.getMessage()
+
+
+logging.getLogger("ray.serve").addFilter(_TokenBudgetWarningFilter())
+
+
+def job_tokens(jobs: list) -> int:
+    """batch_size_fn: total tokens of the queued jobs. Must never raise: an exception here would hang the batch
+    queue for every later caller (Ray issue 66140), so anything odd counts as one token."""
+    total = 0
+    for job in jobs:
+        try:
+            total += max(1, int(job.num_tokens))
+        except Exception:  # noqa: BLE001 - see docstring
+            total += 1
+    return total
+
+
+@serve.deployment(name=MODEL_DEPLOYMENT_NAME)
+class ModelServer:
+    def __init__(self, config: dict[str, Any]):
+        self.config = ModelConfig.model_validate(config)
+        self.engine, self.facts = load_engine(self.config)
+        # An embedder's fixed int8/uint8 ranges (None: not calibrated, those types are refused).
+        self.calibration = load_calibration(self.config, self.engine) if self.config.task == "embed" else None
+        # One thread runs the model (forward passes never overlap, so they never fight over cores or GPU
+        # memory); another tokenizes while the model runs.
+        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+        self._tokenizing = 0  # calls on the tokenizer thread: while any runs, the event loop does not tokenize
+        self._batching = BatchingConfig()
+        self._busy = 0
+        self._held = 0  # online requests inside this replica (tokenizing, queued or running)
+        self._running = 0  # of those, the ones in the forward pass now running
+        # Jobs waiting for the engine thread, drained by _engine_loop.
+        self._engine_queue: deque = deque()
+        self._background_queue: deque = deque()  # background jobs: run only while _engine_queue is empty
+        self._online_seen_at = 0.0  # monotonic time an online request last entered or left this replica
+        self._engine_wakeup = asyncio.Event()
+        self._engine_task: asyncio.Task | None = None
+        # jobs (and their tokens): jobs the engine ran (a request cancelled while queued is not one). Requests
+        # arrive three ways: immediate_jobs found the engine idle and skipped Serve's batch queue, solo_jobs were
+        # larger than a whole batch, the rest came in `batches`. engine_runs: forward runs, each over everything
+        # queued at its start (largest_run_jobs the most jobs in one). forward_tokens / padded_slots: real tokens and
+        # the token slots the forward micro-batches computed (the padding efficiency; a shared query head counts once).
+        self._stats = {"jobs": 0, "tokens": 0, "immediate_jobs": 0, "solo_jobs": 0, "batches": 0, "engine_runs": 0,
+                       "largest_run_jobs": 0, "engine_seconds": 0.0, "background_jobs": 0, "forward_tokens": 0,
+                       "padded_slots": 0, "micro_batches": 0}
+        self._probe_job = self._tokenize_probe()
+        self.metrics = ModelMetrics(self.config.name)
+
+    # ---- configuration ------------------------------------------------------------------------------------
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Batching settings from `user_config`: applied to the running replica, no restart."""
+        batching = BatchingConfig.model_validate(user_config or {})
+        self.engine.token_budget = batching.token_budget or self.engine.runtime.default_token_budget
+        self.engine.max_batch_items = batching.max_items or self.engine.runtime.default_max_batch_items
+        self._run_batch.set_max_batch_size(batching.max_batch_tokens)
+        self._run_batch.set_batch_wait_timeout_s(batching.max_wait_ms / 1000)
+        self._batching = batching
+        logger.info("%s batching: token_budget=%d max_items=%d max_batch_tokens=%d max_wait_ms=%g",
+                    self.config.name, self.engine.token_budget, self.engine.max_batch_items, batching.max_batch_tokens,
+                    batching.max_wait_ms)
+
+    # ---- requests -----------------------------------------------------------------------------------------
+
+    async def describe(self) -> dict[str, Any]:
+        # The price as decimal text: only text and numbers cross the hop, and the gateway debits by it exactly.
+        price = self.config.price.model_dump(mode="json", exclude_none=True) if self.config.price else None
+        return {**self.facts, "name": self.config.name, "aliases": list(self.config.aliases),
+                "token_budget": self.engine.token_budget, "price": price}
+
+    async def rerank(self, query: str, documents: list[str], instruction: str | None = None,
+                     max_tokens_per_doc: int | None = None, truncate: bool = True,
+                     max_chunks_per_doc: int | None = None, *, background: bool = False) -> dict[str, Any]:
+        """`max_chunks_per_doc` None: the model's default (config), else one window (truncation). `background`:
+        a Batch API line, which yields to online requests (see `_admitted` and `_submit`)."""
+        self._require_task("rerank")
+        chunks = max_chunks_per_doc or self.config.max_chunks_per_doc or 1
+        with self._admitted(background):
+            size = len(query) + sum(map(len, documents))
+            job = await self._tokenize(size, self.engine.tokenize, query, documents, instruction,
+                                       max_tokens_per_doc, truncate, chunks)
+            result = await self._submit(job, background)
+        return {"scores": result.scores, "logits": result.logits, "token_counts": result.token_counts,
+                "windows": result.windows}
+
+    async def embed(self, inputs: list[str] | list[list[int]], instruction: str | None = None,
+                    dimensions: int | None = None, truncate: bool = True, truncate_side: str = "end",
+                    max_tokens: int | None = None, with_ranges: bool = False, *,
+                    background: bool = False) -> dict[str, Any]:
+        """`with_ranges`: also return the fixed int8/uint8 ranges (lo, hi) of the request's dimension setting."""
+        self._require_task("embed")
+        if with_ranges and self.calibration is None:
+            raise InvalidRequest(f"int8 and uint8 embeddings need fixed quantization ranges, and model "
+                                 f"{self.config.name!r} has no calibration file (config `calibration`, made with "
+                                 "`python -m serve_app.replica.quantization.calibration`); float, base64, binary and "
+                                 "ubinary need none", param="embedding_types", code="not_calibrated")
+        with self._admitted(background):
+            job = await self._tokenize(sum(map(len, inputs)), self.engine.tokenize, inputs, instruction, dimensions,
+                                       truncate, truncate_side, max_tokens)
+            result = await self._submit(job, background)
+        answer = {"embeddings": result.embeddings, "token_counts": result.token_counts}
+        if with_ranges:
+            answer["ranges"] = self.calibration.ranges(job.dimensions)
+        return answer
+
+    async def stats(self) -> dict[str, Any]:
+        """Batching counters (how many jobs shared forward passes), the requests inside this replica now, and where
+        it runs: its node and the GPU ids Ray gave it (a fractional replica shares its GPU id with its neighbours)."""
+        context = ray.get_runtime_context()
+        placement = {"node_id": context.get_node_id(),
+                     "gpu_ids": [str(gpu) for gpu in context.get_accelerator_ids().get("GPU", [])]}
+        return {**self._stats, "requests_inside": self._held, "batching": self._batching.model_dump(),
+                "placement": placement}
+
+    async def check_health(self) -> None:
+        """Fails when the engine cannot run a forward pass. While requests are running the engine is proven to
+        work; when idle, a one-sequence probe runs (milliseconds)."""
+        if self._busy:
+            return
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._engine_thread, self.engine.run, [self._probe_job])
+
+    # ---- internals ----------------------------------------------------------------------------------------
+
+    def _require_task(self, task: str) -> None:
+        if self.config.task != task:
+            raise InvalidRequest(f"model {self.config.name!r} is a {self.config.task} model, not {task}",
+                                 param="model", code="wrong_model_task")
+
+    @contextlib.contextmanager
+    def _admitted(self, background: bool = False):
+        """Hold a request in this replica, or refuse it at once when max_waiting_requests would be exceeded.
+        Background requests are bounded by their sender (per model in flight) and are not counted here, so bulk
+        work never makes an online request refused."""
+        if background:
+            yield
+            return
+        limit = self._batching.max_waiting_requests
+        if limit is not None and self._busy and self._held - self._running >= limit:
+            retry_after = self.config.deployment.backpressure_retry_after_s
+            headers = {} if retry_after is None else {"Retry-After": str(max(1, math.ceil(retry_after)))}
+            raise Overloaded(f"model {self.config.name!r} is busy ({self._held - self._running} requests waiting, "
+                             f"max_waiting_requests {limit}); retry shortly", headers=headers)
+        self._held += 1
+        self._online_seen_at = time.monotonic()
+        try:
+            yield
+        finally:
+            self._held -= 1
+            self._online_seen_at = time.monotonic()
+
+    async def _tokenize(self, size: int, tokenize, *args):
+        """`size` (characters, or token ids) decides where: see INLINE_TOKENIZE_MAX_CHARS."""
+        try:
+            if size <= INLINE_TOKENIZE_MAX_CHARS and not self._tokenizing:
+                return tokenize(*args)
+            self._tokenizing += 1
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, tokenize, *args)
+            finally:
+                self._tokenizing -= 1
+        except EngineInputError as exc:
+            raise InvalidRequest(str(exc), param=exc.param) from None
+
+    def _engine_idle(self) -> bool:
+        return not self._busy and not self._engine_queue
+
+    async def _submit(self, job, background: bool = False):
+        if background:
+            self._stats["background_jobs"] += 1
+            result = (await self._forward([job], background=True))[0]
+        elif self._engine_idle():
+            self._stats["immediate_jobs"] += 1
+            result = (await self._forward([job]))[0]
+        elif job_tokens([job]) > self._batching.max_batch_tokens:
+            # Larger than a whole gathered batch: run alone rather than refuse (the queue would reject it).
+            self._stats["solo_jobs"] += 1
+            result = (await self._forward([job]))[0]
+        else:
+            result = await self._run_batch(job)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    # Batches pass straight on to the engine queue, so several may be in flight: the queue serialises them.
+    @serve.batch(max_batch_size=BatchingConfig().max_batch_tokens,
+                 batch_wait_timeout_s=BatchingConfig().max_wait_ms / 1000, batch_size_fn=job_tokens,
+                 max_concurrent_batches=MAX_BATCHES_IN_FLIGHT)
+    async def _run_batch(self, jobs: list) -> list:
+        self._stats["batches"] += 1
+        return await self._forward(jobs)
+
+    async def _forward(self, jobs: list, background: bool = False) -> list:
+        """Queue jobs for the engine and wait for their results (one result or exception per job, so one bad job
+        fails only its own request; an exception out of a @serve.batch function would fail the whole batch)."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in jobs]
+        enqueued_at = time.monotonic()
+        queue = self._background_queue if background else self._engine_queue
+        queue.extend((job, future, enqueued_at) for job, future in zip(jobs, futures))
+        self._engine_wakeup.set()
+        if self._engine_task is None or self._engine_task.done():
+            self._engine_task = loop.create_task(self._engine_loop())
+        return list(await asyncio.gather(*futures))
+
+    async def _engine_loop(self) -> None:
+        """Whenever the engine is free, run everything that queued up meanwhile (up to max_batch_tokens).
+
+        Serve forms its batches as requests arrive, not when the engine frees up (ray/serve/batching.py), so
+        under load it hands over many small batches; merging them here keeps forward passes full (measured:
+        embedding saturation 11.0 -> 14.6 docs/s with max_wait_ms 0; BENCHMARKS.md). Online jobs first: the
+        background queue is taken only when no online job waits, and never in the same run as online jobs."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._engine_wakeup.wait()
+            self._engine_wakeup.clear()
+            while self._engine_queue or self._background_queue:
+                if not self._engine_queue:
+                    pause = self._background_pause()
+                    if pause > 0:  # online work is about: look again when it may be over (or new work comes)
+                        self._engine_wakeup.clear()
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(self._engine_wakeup.wait(), pause)
+                        continue
+                queue = self._engine_queue or self._background_queue
+                taken, waits, tokens = [], [], 0
+                while queue:
+                    job, future, enqueued_at = queue[0]
+                    size = job_tokens([job])
+                    if taken and tokens + size > self._batching.max_batch_tokens:
+                        break
+                    queue.popleft()
+                    if not future.done():  # a cancelled request (client gone) costs no forward pass
+                        taken.append((job, future))
+                        waits.append(time.monotonic() - enqueued_at)
+                        tokens += size
+                if not taken:
+                    continue
+                self._busy += 1
+                self._running = len(taken)
+                try:
+                    results = await loop.run_in_executor(self._engine_thread, self._run_measured,
+                                                         [job for job, _ in taken], waits)
+                except BaseException as exc:  # noqa: BLE001 - never leave a caller waiting
+                    results = [InternalError(f"engine loop failed: {exc!r}")] * len(taken)
+                finally:
+                    self._busy -= 1
+                    self._running = 0
+                self._stats["engine_runs"] += 1
+                self._stats["jobs"] += len(taken)
+                self._stats["tokens"] += tokens
+                self._stats["largest_run_jobs"] = max(self._stats["largest_run_jobs"], len(taken))
+                for (_, future), result in zip(taken, results):
+                    if not future.done():
+                        future.set_result(result)
+
+    def _background_pause(self) -> float:
+        """Seconds background work must still wait: while online requests are inside this replica, and for
+        background_grace_ms after the last one left."""
+        grace = self._batching.background_grace_ms / 1000
+        if self._held:
+            return max(grace, 0.001)
+        return self._online_seen_at + grace - time.monotonic()
+
+    def _run_measured(self, jobs: list, waits: list[float]) -> list:
+        """_run_isolated plus its metrics, on the engine thread (so nothing else runs between the readings)."""
+        before, started = self.engine.work.snapshot(), time.perf_counter()
+        results = self._run_isolated(jobs)
+        seconds = time.perf_counter() - started
+        done = self.engine.work.since(before)
+        self._stats["engine_seconds"] += seconds
+        self._stats["forward_tokens"] += done.real_tokens
+        self._stats["padded_slots"] += done.computed_slots
+        self._stats["micro_batches"] += done.micro_batches
+        self.metrics.engine_run(len(jobs), done.real_tokens, done.computed_slots, done.micro_batches, seconds, waits)
+        return results
+
+    def _run_isolated(self, jobs: list) -> list:
+        try:
+            return self.engine.run(jobs)
+        except Exception as exc:  # noqa: BLE001 - find the job at fault below
+            if len(jobs) == 1:
+                logger.exception("%s: forward pass failed", self.config.name)
+                return [InternalError(f"model {self.config.name!r} failed on this request: {exc}")]
+        results = []
+        for job in jobs:
+            results.extend(self._run_isolated([job]))
+        return results
+
+    def _tokenize_probe(self):
+        if self.config.task == "rerank":
+            return self.engine.tokenize("health", ["probe"])
+        return self.engine.tokenize(["health probe"])
+
