@@ -20,7 +20,7 @@ test: $(VENV)/.installed  ## set up, then run the whole test suite
 # The config check fetches every model's weights first (progress bars, several at once) and stops here, before Ray
 # starts, with one line per model whose weights cannot be had.
 serve: $(VENV)/.installed  ## set up, then serve CONFIG (default configs/local.yaml; offline: CONFIG=configs/tiny.yaml)
-	$(PY) -m serve_app.config --fetch $(CONFIG)
+	$(PY) -m serve_app.replica.weights --fetch $(CONFIG)
 	$(VENV)/bin/serve run $(CONFIG)
 
 checkpoints: $(VENV)/.installed  ## tiny offline reranker + embedder checkpoints in checkpoints/

@@ -22,10 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from serve_app.accounts.credit.book import CreditBook  # noqa: E402
 from serve_app.accounts.credit.guard import CreditGuard  # noqa: E402
-from serve_app.gateway.directory import ModelEntry  # noqa: E402
+from serve_app.accounts.keys import KeyStore  # noqa: E402
 from serve_app.accounts.ledger import Ledger, UsageRecord  # noqa: E402
-from serve_app.accounts.store import (KeyStore, api_keys, connect, credit_journal, credit_totals, usage_debits,  # noqa: E402
-                             usage_records)
+from serve_app.accounts.store import (api_keys, connect, credit_journal, credit_totals, usage_debits,  # noqa: E402
+                                      usage_records)
+from serve_app.gateway.directory import ModelEntry  # noqa: E402
 
 MODEL = ModelEntry(app_name="reranker", deployed_at=1.0,
                    facts={"name": "reranker", "task": "rerank", "price": {"per_1k_documents": "0.05"}}, handle=None)

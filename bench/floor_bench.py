@@ -174,7 +174,8 @@ def main() -> None:
           f"x {args.latency_samples} sequential requests; saturation {args.concurrency} clients x "
           f"{args.saturation_requests} requests per round; model replicas {args.cpus} CPU", flush=True)
 
-    from serve_app.accounts.store import KeyStore, connect
+    from serve_app.accounts.keys import KeyStore
+    from serve_app.accounts.store import connect
     from tests.postgres import PostgresServer
     from tests.serving import ServeInstance, free_port
 

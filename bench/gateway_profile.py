@@ -101,7 +101,8 @@ def main() -> None:
     args = parser.parse_args()
     paths = serving_checkpoints(Path(args.checkpoints), "tiny", None)
 
-    from serve_app.accounts.store import KeyStore, connect
+    from serve_app.accounts.keys import KeyStore
+    from serve_app.accounts.store import connect
     from tests.serving import ServeInstance, free_port
 
     workdir = Path(tempfile.mkdtemp(prefix="gateway-profile-"))

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 from bench.engine_bench import make_texts  # noqa: E402
 from models import Qwen3Embedder  # noqa: E402
 from models.checkpoints import build_checkpoint, checkpoint_name  # noqa: E402
-from serve_app import quantization  # noqa: E402
+from serve_app.replica import quantization  # noqa: E402
 from serve_app.replica.instructions import WEB_SEARCH_QUERY  # noqa: E402
 from serve_app.replica.quantization.calibration import Calibration, calibrate  # noqa: E402
 

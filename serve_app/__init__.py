@@ -1,6 +1,8 @@
-"""The Ray Serve application: one deployment per model behind one HTTP gateway.
+"""The Ray Serve application: one deployment per model behind one HTTP gateway (the package map is in README.md,
+"Development")."""
 
-Follow a request: ingress.py (routes, model lookup) -> directory.py (model table) -> deployment.py (tokenize,
-token-budget batching, forward on the engine thread) -> models/ (the engines) -> back to ingress.py.
-Configuration: config.py; application builders: app.py; errors: errors.py; wire schemas: protocol.py.
-"""
+from pathlib import Path
+
+# The repository root: relative paths in configs (checkpoints, the SQLite file, calibration files, the KubeRay CRD)
+# resolve against it when they do not exist under the working directory.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent

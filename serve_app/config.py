@@ -18,24 +18,24 @@ Why one application per model: Ray Serve restarts every deployment of an applica
 only; the gateway finds models at run time (serve_app/gateway/directory.py), so its args never list them.
 
 Serve silently drops misspelled deployment options, so this module validates the *whole* file with
-`extra="forbid"` everywhere: `python -m serve_app.config configs/prod.yaml` checks a file (`--fetch` also fetches
-its models' weights), and every builder validates its own `args` again when Serve imports it. Errors name the bad
+`extra="forbid"` everywhere: `python -m serve_app.replica.weights configs/prod.yaml` checks a file (`--fetch` also
+fetches its models' weights), and every builder validates its own `args` again when Serve imports it. Errors name the bad
 key, e.g. `applications.1.args.batching.token_budgt: Extra inputs are not permitted`.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
-from decimal import Decimal, localcontext
+from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow, localcontext
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from serve_app.accounts.credit.amounts import EXACT
+# Exact arithmetic or an exception: products of counts and prices never round silently (Price here, credit amounts
+# in serve_app/accounts/credit/amounts.py).
+EXACT = Context(prec=60, traps=[Inexact, InvalidOperation, Overflow])
 
 MODEL_IMPORT_PATH = "serve_app.app:model_app"
 GATEWAY_IMPORT_PATH = "serve_app.app:gateway_app"
@@ -485,46 +485,3 @@ def load_config_file(path: str | Path) -> ServeConfigFile:
         return ServeConfigFile.model_validate(raw)
     except ValidationError as exc:
         raise ValueError(f"{path}: invalid config:\n  " + "\n  ".join(format_errors(exc))) from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m serve_app.config [--fetch] FILE...`: check config files before deploying them."""
-    parser = argparse.ArgumentParser(prog="python -m serve_app.config",
-                                     description="Check Serve config files against the schema (exit 1 if any fails).")
-    parser.add_argument("files", nargs="+", metavar="FILE")
-    parser.add_argument("--fetch", action="store_true",
-                        help="also fetch every model's weights (hub ids into the Hugging Face cache the replicas "
-                             "read, offline checkpoints built), several at once; exit 1, one line per model, if any "
-                             "cannot be had. `make serve` runs this before Serve starts.")
-    args = parser.parse_args(argv)
-    status = 0
-    for path in args.files:
-        try:
-            config = load_config_file(path)
-        except (ValueError, OSError) as exc:
-            print(exc, file=sys.stderr)
-            status = 1
-            continue
-        print(f"{path}: ok ({', '.join(m.name for m in config.model_configs())})", flush=True)
-        if args.fetch and not fetch_all_weights(path, config):
-            status = 1
-    return status
-
-
-def fetch_all_weights(path: str | Path, config: ServeConfigFile) -> bool:
-    from serve_app.replica.loading import prefetch_weights  # huggingface_hub, only when asked for
-
-    models = config.model_configs()
-    print(f"{path}: fetching the weights of {len(models)} models", flush=True)
-    failures = [message for message in prefetch_weights(models).values() if message is not None]
-    for message in failures:
-        print(message, file=sys.stderr)
-    if failures:
-        print(f"{path}: {len(failures)} of {len(models)} models have no weights; not ready to serve", file=sys.stderr)
-        return False
-    print(f"{path}: weights ready for {', '.join(m.name for m in models)}")
-    return True
-
-
-if __name__ == "__main__":
-    sys.exit(main())

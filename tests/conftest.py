@@ -59,7 +59,8 @@ def key_database(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def key_store(key_database):
-    from serve_app.accounts.store import KeyStore, connect
+    from serve_app.accounts.keys import KeyStore
+    from serve_app.accounts.store import connect
 
     return KeyStore(connect(key_database))
 

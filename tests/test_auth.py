@@ -157,8 +157,8 @@ def test_admin_routes_are_off_while_auth_is_off():
     """No key can be trusted with auth off, so key management stays with the CLI."""
     from types import SimpleNamespace
 
-    from serve_app.gateway.admin import admin_guard
     from serve_app.errors import Forbidden
+    from serve_app.gateway.admin import admin_guard
 
     request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(key_guard=None)), state=SimpleNamespace())
     with pytest.raises(Forbidden) as refused:

@@ -10,13 +10,13 @@ import pytest
 from pydantic import ValidationError
 from sqlalchemy import inspect, select, text
 
-from serve_app import usage
-from serve_app.gateway.batches.lines import copy_upload, line_request_id, validate_input
-from serve_app.gateway.batches.store import BatchStore, LeaseLost, batch_files, batches
-from serve_app.config import Price
-from serve_app.errors import PayloadTooLarge
+from serve_app.accounts import usage_report as usage
 from serve_app.accounts.ledger import UsageRecord, usage_totals
 from serve_app.accounts.store import connect, usage_records
+from serve_app.config import Price
+from serve_app.errors import PayloadTooLarge
+from serve_app.gateway.batches.lines import copy_upload, line_request_id, validate_input
+from serve_app.gateway.batches.store import BatchStore, LeaseLost, batch_files, batches
 
 
 @pytest.fixture
@@ -80,7 +80,8 @@ def test_a_checkpoint_debits_a_prepaid_keys_lines_in_its_transaction_and_a_refus
 
     from serve_app.accounts.credit.book import CreditBook
     from serve_app.accounts.credit.guard import CreditGuard
-    from serve_app.accounts.store import KeyStore, usage_debits
+    from serve_app.accounts.keys import KeyStore
+    from serve_app.accounts.store import usage_debits
 
     with store.engine.begin() as connection:
         connection.execute(usage_debits.delete())

@@ -17,8 +17,8 @@ import pytest
 from openai import APIStatusError, NotFoundError, OpenAI
 from sqlalchemy import select, update
 
-from serve_app.gateway.batches.store import batches as batches_table
 from serve_app.accounts.store import connect, usage_records
+from serve_app.gateway.batches.store import batches as batches_table
 from tests.serving import (EMBEDDER, RERANKER, TEST_MAX_BATCH_EMBEDDING_INPUTS, TEST_MAX_BATCH_FILE_BYTES,
                            TEST_MAX_BATCH_LINES, application, free_port)
 from tests.texts import DOCUMENTS, NONEMPTY_QUERIES

@@ -9,20 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve_app.cluster.capacity import (
-    UNIT,
-    ClusterConfigError,
-    ClusterSpec,
-    DeploymentDemand,
-    NodePlan,
-    NodeType,
-    deployment_demands,
-    load_cluster,
-    load_cluster_file,
-    main,
-    plan_capacity,
-    validate_cluster_config,
-)
+from serve_app.cluster.capacity import (UNIT, DeploymentDemand, NodePlan, deployment_demands, load_cluster, main,
+                                        plan_capacity)
+from serve_app.cluster.nodes import (ClusterConfigError, ClusterSpec, NodeType, load_cluster_file,
+                                     validate_cluster_config)
 from serve_app.config import load_config_file
 
 REPO = Path(__file__).resolve().parent.parent

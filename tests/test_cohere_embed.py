@@ -10,10 +10,10 @@ import pytest
 from sqlalchemy import select
 
 from models import Qwen3Embedder, Qwen3Reranker
+from serve_app.accounts.store import connect, usage_records
 from serve_app.replica import quantization
 from serve_app.replica.instructions import INPUT_TYPE_INSTRUCTIONS
 from serve_app.replica.quantization.calibration import Calibration
-from serve_app.accounts.store import connect, usage_records
 from tests.reference import ModelCardEmbedder
 from tests.serving import EMBEDDER, NARROW_RERANKER, RERANKER
 from tests.texts import DOCUMENTS, QUERIES

@@ -10,11 +10,11 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app.config import (AutoscalingConfig, GatewayConfig, ModelConfig, ServeConfigFile, load_config_file, main,
+from serve_app.config import (AutoscalingConfig, GatewayConfig, ModelConfig, ServeConfigFile, load_config_file,
                               validate_args)
-from serve_app.gateway.directory import STARTING_RETRY_AFTER_S, ModelApp, ModelDirectory
 from serve_app.errors import InvalidRequest, ModelNotFound, ModelStarting
-from serve_app.replica.loading import ModelLoadError, fetch_weights
+from serve_app.gateway.directory import STARTING_RETRY_AFTER_S, ModelApp, ModelDirectory
+from serve_app.replica.weights import ModelLoadError, fetch_weights, main
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 

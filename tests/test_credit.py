@@ -12,16 +12,17 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from serve_app import keys, usage
-from serve_app.config import ModelConfig, Price
+from serve_app.accounts import keys_cli as keys
+from serve_app.accounts import usage_report as usage
 from serve_app.accounts.credit.amounts import InvalidAmount, decimal_text, from_units, parse_amount, to_units
 from serve_app.accounts.credit.book import CreditBook, InvalidCreditEntry, UnknownKey
 from serve_app.accounts.credit.guard import CreditGuard
-from serve_app.gateway.directory import ModelEntry
-from serve_app.errors import IdempotencyConflict, InsufficientQuota
+from serve_app.accounts.keys import KeyStore
 from serve_app.accounts.ledger import Ledger, UsageRecord
-from serve_app.accounts.store import (KeyStore, api_keys, connect, credit_journal, credit_totals, usage_debits,
-                             usage_records)
+from serve_app.accounts.store import api_keys, connect, credit_journal, credit_totals, usage_debits, usage_records
+from serve_app.config import ModelConfig, Price
+from serve_app.errors import IdempotencyConflict, InsufficientQuota
+from serve_app.gateway.directory import ModelEntry
 
 RERANKER_PRICE = {"per_1k_documents": "0.05"}
 EMBEDDER_PRICE = {"per_1m_tokens": "0.02"}

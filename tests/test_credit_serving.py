@@ -11,11 +11,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
-from serve_app import keys
-from serve_app.config import Price
+from serve_app.accounts import keys_cli as keys
 from serve_app.accounts.credit.amounts import decimal_text
 from serve_app.accounts.credit.book import CreditBook
-from serve_app.accounts.store import KeyStore, connect, usage_records
+from serve_app.accounts.keys import KeyStore
+from serve_app.accounts.store import connect, usage_records
+from serve_app.config import Price
 from tests.serving import RERANKER, TEST_PRICES
 
 RERANK_BODY = {"model": RERANKER, "query": "what do pandas eat?", "documents": ["bamboo", "Paris"]}

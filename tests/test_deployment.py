@@ -5,8 +5,8 @@ import asyncio
 import pytest
 
 from models.reranker import RerankJob
-from serve_app.replica.deployment import ModelServer, job_tokens
 from serve_app.errors import InternalError, Overloaded
+from serve_app.replica.deployment import ModelServer, job_tokens
 
 
 @pytest.fixture(scope="module")

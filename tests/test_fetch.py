@@ -1,4 +1,4 @@
-"""A clean start: `python -m serve_app.config --fetch` (what `make serve` runs before Serve) fetches every model's
+"""A clean start: `python -m serve_app.replica.weights --fetch` (what `make serve` runs before Serve) fetches every model's
 weights and, when some cannot be had, prints one short line per model and exits 1, fast, without Ray or torch.
 
 The unreachable hub is a real one: HF_ENDPOINT points at a port on this machine where nothing listens, so every
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from serve_app.config import main
+from serve_app.replica.weights import main
 from tests.serving import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,8 +39,8 @@ def test_fetch_fails_with_one_line_per_missing_model_and_nothing_imported(tmp_pa
     env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HUB_CACHE": str(tmp_path / "cache"),
            "PYTHONPATH": str(REPO)}
     env.pop("HF_HUB_OFFLINE", None)  # the hub must be asked, and found unreachable
-    # The module's main, as `python -m serve_app.config --fetch` runs it, then which heavy modules it imported.
-    code = ("import sys; from serve_app.config import main; status = main(sys.argv[1:]); "
+    # The module's main, as `python -m serve_app.replica.weights --fetch` runs it, then which heavy modules it imported.
+    code = ("import sys; from serve_app.replica.weights import main; status = main(sys.argv[1:]); "
             "print('imported:', [m for m in ('ray', 'torch') if m in sys.modules], file=sys.stderr); sys.exit(status)")
     result = subprocess.run([sys.executable, "-c", code, "--fetch", str(path)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
@@ -68,6 +68,6 @@ def test_make_serve_fetches_before_it_starts_serve():
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     commands = result.stdout.splitlines()
-    fetch = next(i for i, line in enumerate(commands) if "-m serve_app.config --fetch configs/some.yaml" in line)
+    fetch = next(i for i, line in enumerate(commands) if "-m serve_app.replica.weights --fetch configs/some.yaml" in line)
     serve = next(i for i, line in enumerate(commands) if "serve run configs/some.yaml" in line)
     assert fetch < serve

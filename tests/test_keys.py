@@ -7,9 +7,10 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from serve_app import keys
-from serve_app.accounts.store import (InvalidKeySettings, KeyStore, api_keys, connect, database_url as resolve_url, hash_key,
-                             verify)
+from serve_app.accounts import keys_cli as keys
+from serve_app.accounts.keys import InvalidKeySettings, KeyStore, hash_key, verify
+from serve_app.accounts.store import api_keys, connect
+from serve_app.accounts.store import database_url as resolve_url
 
 
 @pytest.fixture

@@ -12,9 +12,10 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 from sqlalchemy.engine import make_url
 
-from serve_app.cluster.capacity import ClusterConfigError, deployment_demands, main, plan_capacity
+from serve_app.cluster.capacity import deployment_demands, main, plan_capacity
 from serve_app.cluster.kuberay import (load_manifest, parse_quantity, ray_resources, rayservice_cluster, serve_config,
-                               validate_rayservice)
+                                       validate_rayservice)
+from serve_app.cluster.nodes import ClusterConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = REPO / "k8s" / "rayservice.yaml"

@@ -13,10 +13,11 @@ import pytest
 import yaml
 from sqlalchemy import func, select
 
-from serve_app import usage
-from serve_app.errors import IdempotencyConflict
+from serve_app.accounts import usage_report as usage
+from serve_app.accounts.keys import KeyStore
 from serve_app.accounts.ledger import Ledger, UsageRecord, request_id, sum_totals, usage_totals
-from serve_app.accounts.store import KeyStore, api_keys, connect, usage_records
+from serve_app.accounts.store import api_keys, connect, usage_records
+from serve_app.errors import IdempotencyConflict
 
 
 @pytest.fixture

@@ -5,11 +5,12 @@ import pytest
 
 from models import Qwen3Embedder
 from models.checkpoints import random_model
-from serve_app.replica import quantization
 from serve_app.config import ModelConfig
-from serve_app.replica.loading import ModelLoadError, load_calibration
-from serve_app.replica.quantization.calibration import (CHECK_TEXTS, Calibration, CalibrationError, calibrate, corpus_sha256,
-                                                corpus_texts)
+from serve_app.replica import quantization
+from serve_app.replica.loading import load_calibration
+from serve_app.replica.quantization.calibration import (CHECK_TEXTS, Calibration, CalibrationError, calibrate,
+                                                        corpus_sha256, corpus_texts)
+from serve_app.replica.weights import ModelLoadError
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +143,8 @@ def test_config_keeps_each_option_to_its_task(args, message):
 def test_an_uncalibrated_model_refuses_int8_and_uint8_before_any_work(tiny_embedder_path):
     import asyncio
 
-    from serve_app.replica.deployment import ModelServer
     from serve_app.errors import InvalidRequest
+    from serve_app.replica.deployment import ModelServer
 
     server = ModelServer.func_or_class({"name": "e", "task": "embed", "source": str(tiny_embedder_path),
                                         "device": "cpu"})

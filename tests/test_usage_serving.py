@@ -12,7 +12,8 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from serve_app.accounts.store import KeyStore, connect, usage_records
+from serve_app.accounts.keys import KeyStore
+from serve_app.accounts.store import connect, usage_records
 from tests.serving import EMBEDDER, RERANKER
 from tests.texts import DOCUMENTS, NONEMPTY_QUERIES
 

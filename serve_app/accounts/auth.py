@@ -15,9 +15,9 @@ import logging
 import time
 from typing import Callable
 
+from serve_app.accounts.keys import ApiKey, KeyStore, verify
 from serve_app.errors import StoreUnavailable, Unauthorized
 from serve_app.periodic import Periodic
-from serve_app.accounts.store import ApiKey, KeyStore, verify
 
 logger = logging.getLogger("ray.serve")
 

@@ -29,8 +29,9 @@ import sys
 
 from serve_app.accounts.credit.amounts import decimal_text, parse_amount
 from serve_app.accounts.credit.book import CreditBook, InvalidCreditEntry, UnknownKey
-from serve_app.gateway.protocol import ApiKeyObject, CreditEntryObject
-from serve_app.accounts.store import KeyStore, open_database
+from serve_app.accounts.keys import KeyStore
+from serve_app.accounts.protocol import ApiKeyObject, CreditEntryObject
+from serve_app.accounts.store import open_database
 
 
 def cli_actor() -> str:

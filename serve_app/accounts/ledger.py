@@ -33,8 +33,8 @@ from sqlalchemy import case, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from serve_app.errors import IdempotencyConflict
 from serve_app.accounts.store import now, usage_records
+from serve_app.errors import IdempotencyConflict
 
 logger = logging.getLogger("ray.serve")
 

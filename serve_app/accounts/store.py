@@ -4,31 +4,27 @@ SQLite (`sqlite:///var/qwen3-serve.db`) is the embedded default for one machine;
 (`postgresql+psycopg://user@host/db`) for a cluster, where every gateway replica on every node reads and writes
 the same tables. SQLAlchemy gives us both dialects, pooling and schema creation without hand-written SQL.
 
-Keys: `q3s_<id>_<secret>`. Only the SHA-256 of the whole key is stored (keys are 190+ bits of randomness, so a
-fast hash is the right tool, as for GitHub or Stripe tokens; a password KDF would only slow every request).
+The tables and the connection live here; what reads and writes them lives beside it: keys.py (API keys),
+ledger.py (usage rows), credit/book.py (balances).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import os
-import secrets
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import (BigInteger, Boolean, Column, DateTime, Float, Index, Integer, MetaData, String, Table,
-                        create_engine, event, insert, inspect, select, text, update)
-from sqlalchemy.exc import DBAPIError
+                        create_engine, event, inspect, text)
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 
+from serve_app import PROJECT_ROOT
 from serve_app.accounts.credit.amounts import CreditAmount
+from serve_app.config import load_config_file
 
-KEY_PREFIX = "q3s"
 MAX_KEY_NAME_CHARS = 200
-MAX_KEY_LIMIT = 2**31 - 1  # per-minute limits are INTEGER columns
 MAX_CREDIT_NOTE_CHARS = 500
 metadata = MetaData()
 
@@ -111,11 +107,6 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
-
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_DATABASE_URL = "sqlite:///var/qwen3-serve.db"
 DATABASE_URL_ENV = "QWEN3_SERVE_DB"
 
@@ -133,8 +124,6 @@ def open_database(db: str | None = None, config_path: str | None = None) -> Engi
     """The database a CLI works on: $QWEN3_SERVE_DB, else `db`, else the gateway's database_url in the config file
     at `config_path`, else the SQLite default."""
     if db is None and config_path:
-        from serve_app.config import load_config_file
-
         db = load_config_file(config_path).gateway_config().database_url
     return connect(database_url(db))
 
@@ -192,92 +181,3 @@ class InvalidField(ValueError):
         self.field = field
 
 
-class InvalidKeySettings(InvalidField):
-    """A key that cannot be created as asked."""
-
-
-@dataclass(frozen=True)
-class ApiKey:
-    id: str
-    name: str
-    key_hash: str
-    admin: bool
-    requests_per_minute: int | None
-    tokens_per_minute: int | None
-    created_at: datetime
-    revoked_at: datetime | None
-
-    @property
-    def active(self) -> bool:
-        return self.revoked_at is None
-
-
-class KeyStore:
-    def __init__(self, engine: Engine):
-        self.engine = engine
-
-    def create(self, name: str, *, admin: bool = False, requests_per_minute: int | None = None,
-               tokens_per_minute: int | None = None, credit=None, actor: str = "cli") -> tuple[ApiKey, str]:
-        """A new key; the secret is returned here and never again (only its hash is stored). Limits are None
-        (unlimited) or 1 to MAX_KEY_LIMIT: a limit of 0 would read as "no limit" wherever a falsy check is made,
-        and one past the INTEGER column would fail in the database. `credit` (a decimal, 0 allowed) makes it a
-        prepaid key: its first journal entry is written in the same transaction as the key, so no gateway ever
-        sees the key without its balance. `actor` is who asked, for that entry."""
-        if not name.strip() or not name.isprintable() or len(name) > MAX_KEY_NAME_CHARS:
-            raise InvalidKeySettings("name", f"a key's name must be 1 to {MAX_KEY_NAME_CHARS} printable characters, "
-                                             "not only whitespace")
-        for field, limit in (("requests_per_minute", requests_per_minute), ("tokens_per_minute", tokens_per_minute)):
-            if limit is not None and not 1 <= limit <= MAX_KEY_LIMIT:
-                raise InvalidKeySettings(field, f"{field} must be at least 1 and at most {MAX_KEY_LIMIT} (leave it "
-                                                f"out for no limit), not {limit}")
-        if credit is not None:
-            from serve_app.accounts.credit.amounts import InvalidAmount, parse_amount
-
-            try:
-                credit = parse_amount(credit, allow_zero=True)
-            except InvalidAmount as exc:
-                raise InvalidKeySettings("credit", f"credit: {exc} (leave it out for a key without a balance)"
-                                         ) from None
-        key_id = secrets.token_hex(4)
-        secret = f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(24)}"
-        row = {"id": key_id, "name": name, "key_hash": hash_key(secret), "admin": admin,
-               "requests_per_minute": requests_per_minute, "tokens_per_minute": tokens_per_minute,
-               "created_at": now(), "revoked_at": None}
-        with self.engine.begin() as connection:
-            connection.execute(insert(api_keys).values(**row))
-            if credit is not None:
-                from serve_app.accounts.credit.book import record_entry
-
-                record_entry(connection, key_id, credit, kind="initial", note="initial credit", actor=actor)
-        return ApiKey(**row), secret
-
-    def revoke(self, key_id: str) -> bool:
-        with self.engine.begin() as connection:
-            result = connection.execute(update(api_keys).where(api_keys.c.id == key_id,
-                                                               api_keys.c.revoked_at.is_(None))
-                                        .values(revoked_at=now()))
-        return result.rowcount == 1
-
-    def get(self, key_id: str) -> ApiKey | None:
-        with self.engine.connect() as connection:
-            row = connection.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
-        return ApiKey(**row._mapping) if row is not None else None
-
-    def list(self, include_revoked: bool = True) -> list[ApiKey]:
-        query = select(api_keys).order_by(api_keys.c.created_at)
-        if not include_revoked:
-            query = query.where(api_keys.c.revoked_at.is_(None))
-        with self.engine.connect() as connection:
-            return [ApiKey(**row._mapping) for row in connection.execute(query)]
-
-    def active_by_hash(self) -> dict[str, ApiKey]:
-        return {key.key_hash: key for key in self.list(include_revoked=False)}
-
-
-def verify(presented: str, known: dict[str, ApiKey]) -> ApiKey | None:
-    """The active key matching `presented`, or None. The final comparison is constant-time."""
-    digest = hash_key(presented)
-    key = known.get(digest)
-    if key is not None and hmac.compare_digest(key.key_hash, digest):
-        return key
-    return None

@@ -25,8 +25,9 @@ from typing import Any
 
 from serve_app.accounts.credit.amounts import decimal_text
 from serve_app.accounts.credit.book import CreditBook
+from serve_app.accounts.keys import KeyStore
 from serve_app.accounts.ledger import usage_totals
-from serve_app.accounts.store import KeyStore, open_database
+from serve_app.accounts.store import open_database
 
 GROUPS = ("key", "model", "day", "batch")
 COUNTS = ("requests", "input_tokens", "documents", "search_units", "embeddings")

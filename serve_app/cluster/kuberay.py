@@ -28,10 +28,10 @@ from typing import Any
 import jsonschema
 import yaml
 
-from serve_app.cluster.capacity import ClusterConfigError, ClusterSpec, NodeType
+from serve_app import PROJECT_ROOT
+from serve_app.cluster.nodes import ClusterConfigError, ClusterSpec, NodeType
 from serve_app.config import ServeConfigFile
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 RAYSERVICE_CRD = PROJECT_ROOT / "k8s" / "crd" / "ray.io_rayservices.yaml"
 API_VERSION = "ray.io/v1"
 

@@ -23,13 +23,14 @@ import logging
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from serve_app.gateway import protocol
 from serve_app.accounts.auth import KeyGuard
-from serve_app.gateway.bodies import json_body, parse_body
 from serve_app.accounts.credit.amounts import decimal_text
 from serve_app.accounts.credit.book import CreditBook, InvalidCreditEntry, UnknownKey
+from serve_app.accounts.keys import InvalidKeySettings
+from serve_app.accounts.protocol import (ApiKeyCreateRequest, ApiKeyList, ApiKeyObject, CreatedApiKey,
+                                         CreditEntryObject, CreditEntryRequest, CreditJournal)
 from serve_app.errors import Forbidden, InvalidRequest, NotFound
-from serve_app.accounts.store import InvalidKeySettings
+from serve_app.gateway.bodies import json_body, parse_body
 
 logger = logging.getLogger("ray.serve")
 
@@ -57,19 +58,19 @@ def balance_text(balances: dict, key_id: str) -> str | None:
     return decimal_text(balances[key_id].balance) if key_id in balances else None
 
 
-@router.get("/keys", response_model=protocol.ApiKeyList)
-async def list_keys(request: Request, include_revoked: bool = True) -> protocol.ApiKeyList:
+@router.get("/keys", response_model=ApiKeyList)
+async def list_keys(request: Request, include_revoked: bool = True) -> ApiKeyList:
     guard = admin_guard(request)
     keys = await asyncio.to_thread(guard.store.list, include_revoked)
     balances = await asyncio.to_thread(credit_book(guard).balances)
-    return protocol.ApiKeyList(data=[protocol.ApiKeyObject.of(key, balance_text(balances, key.id)) for key in keys])
+    return ApiKeyList(data=[ApiKeyObject.of(key, balance_text(balances, key.id)) for key in keys])
 
 
-@router.post("/keys", status_code=201, responses={201: {"model": protocol.CreatedApiKey}},
-             openapi_extra=json_body(protocol.ApiKeyCreateRequest))
+@router.post("/keys", status_code=201, responses={201: {"model": CreatedApiKey}},
+             openapi_extra=json_body(ApiKeyCreateRequest))
 async def create_key(request: Request) -> JSONResponse:
     guard = admin_guard(request)  # before the body is read: a non-admin learns nothing about what is valid
-    body: protocol.ApiKeyCreateRequest = await parse_body(request, protocol.ApiKeyCreateRequest, exact_numbers=True)
+    body: ApiKeyCreateRequest = await parse_body(request, ApiKeyCreateRequest, exact_numbers=True)
     try:
         key, secret = await asyncio.to_thread(guard.store.create, body.name, admin=body.admin,
                                               requests_per_minute=body.requests_per_minute,
@@ -83,13 +84,13 @@ async def create_key(request: Request) -> JSONResponse:
     balance = None
     if body.credit is not None:
         balance = balance_text(await asyncio.to_thread(credit_book(guard).balances, [key.id]), key.id)
-    created = protocol.CreatedApiKey(**protocol.ApiKeyObject.of(key, balance).model_dump(exclude={"object"}),
+    created = CreatedApiKey(**ApiKeyObject.of(key, balance).model_dump(exclude={"object"}),
                                      secret=secret)
     return JSONResponse(created.model_dump(), status_code=201)
 
 
-@router.delete("/keys/{key_id}", response_model=protocol.ApiKeyObject)
-async def revoke_key(request: Request, key_id: str) -> protocol.ApiKeyObject:
+@router.delete("/keys/{key_id}", response_model=ApiKeyObject)
+async def revoke_key(request: Request, key_id: str) -> ApiKeyObject:
     """Revoke a key. Revoking a revoked key changes nothing and answers the same, so a retried call is safe."""
     guard = admin_guard(request)
     revoked_now = await asyncio.to_thread(guard.store.revoke, key_id)
@@ -99,16 +100,16 @@ async def revoke_key(request: Request, key_id: str) -> protocol.ApiKeyObject:
     if revoked_now:
         logger.info("gateway: admin key %s revoked key %s", request.state.api_key.id, key.id)
         await guard.reload()  # this replica refuses it at once; the others at their next refresh
-    return protocol.ApiKeyObject.of(key)
+    return ApiKeyObject.of(key)
 
 
-@router.post("/keys/{key_id}/credit", status_code=201, responses={201: {"model": protocol.CreditEntryObject}},
-             openapi_extra=json_body(protocol.CreditEntryRequest))
+@router.post("/keys/{key_id}/credit", status_code=201, responses={201: {"model": CreditEntryObject}},
+             openapi_extra=json_body(CreditEntryRequest))
 async def add_credit(request: Request, key_id: str) -> JSONResponse:
     """Top up a key (or adjust its credit): one journal entry. Not idempotent: a retried top-up adds again, so
     read the journal before retrying one whose answer was lost."""
     guard = admin_guard(request)
-    body: protocol.CreditEntryRequest = await parse_body(request, protocol.CreditEntryRequest, exact_numbers=True)
+    body: CreditEntryRequest = await parse_body(request, CreditEntryRequest, exact_numbers=True)
     try:
         entry = await asyncio.to_thread(credit_book(guard).add, key_id, body.amount, body.note,
                                         actor=f"key:{request.state.api_key.id}", adjustment=body.adjustment)
@@ -119,13 +120,13 @@ async def add_credit(request: Request, key_id: str) -> JSONResponse:
     logger.info("gateway: admin key %s added a %s of %s to key %s", request.state.api_key.id, entry.kind,
                 decimal_text(entry.amount), key_id)
     await guard.reload()  # this replica admits by the new balance at once; the others at their next refresh
-    return JSONResponse(protocol.CreditEntryObject.of(entry).model_dump(), status_code=201)
+    return JSONResponse(CreditEntryObject.of(entry).model_dump(), status_code=201)
 
 
-@router.get("/keys/{key_id}/credit", response_model=protocol.CreditJournal)
-async def credit_journal(request: Request, key_id: str) -> protocol.CreditJournal:
+@router.get("/keys/{key_id}/credit", response_model=CreditJournal)
+async def credit_journal(request: Request, key_id: str) -> CreditJournal:
     guard = admin_guard(request)
     if await asyncio.to_thread(guard.store.get, key_id) is None:
         raise NotFound(f"no API key with id {key_id!r}", param="key_id")
     entries = await asyncio.to_thread(credit_book(guard).journal, key_id)
-    return protocol.CreditJournal(data=[protocol.CreditEntryObject.of(entry) for entry in entries])
+    return CreditJournal(data=[CreditEntryObject.of(entry) for entry in entries])

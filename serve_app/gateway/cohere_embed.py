@@ -24,11 +24,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from serve_app.gateway import protocol
-from serve_app.replica import quantization
-from serve_app.gateway.bodies import json_body, parse_body
 from serve_app.errors import InvalidRequest
+from serve_app.gateway import protocol
+from serve_app.gateway.bodies import json_body, parse_body
 from serve_app.gateway.handling import Endpoint, RequestContext, Served, embed_inputs
+from serve_app.replica import quantization
 from serve_app.replica.instructions import INPUT_TYPE_INSTRUCTIONS
 
 router = APIRouter()

@@ -28,11 +28,11 @@ from pydantic import BaseModel
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 
-from serve_app.gateway import protocol
 from serve_app.config import GatewayConfig
-from serve_app.gateway.directory import ModelDirectory, ModelEntry
 from serve_app.errors import (InvalidRequest, ModelNotFound, ModelUnavailable, Overloaded, PayloadTooLarge,
                               RequestTimeout, ServingError)
+from serve_app.gateway import protocol
+from serve_app.gateway.directory import ModelDirectory, ModelEntry
 from serve_app.replica.quantization import base64_float32
 
 if TYPE_CHECKING:

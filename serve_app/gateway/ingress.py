@@ -34,25 +34,26 @@ from ray import serve
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve_app.accounts.auth import OPEN_PATHS, KeyGuard
+from serve_app.accounts.credit.book import CreditBook
+from serve_app.accounts.credit.guard import CreditGuard
+from serve_app.accounts.keys import KeyStore
+from serve_app.accounts.ledger import (MAX_IDEMPOTENCY_KEY_CHARS, Ledger, UsageRecord, fingerprint, request_id,
+                                       sum_totals, usage_totals)
+from serve_app.accounts.ratelimit import limiter_handle
+from serve_app.accounts.store import connect, database_url
+from serve_app.config import GATEWAY_DEPLOYMENT_NAME, GatewayConfig
+from serve_app.errors import (IdempotencyConflict, InternalError, InvalidRequest, MethodNotAllowed, ModelNotFound,
+                              NotFound, PayloadTooLarge, RateLimited, ServingError, StoreUnavailable)
 from serve_app.gateway import admin, cohere_embed, probes, protocol
 from serve_app.gateway.batches import routes as batch_routes
 from serve_app.gateway.batches.service import BatchService
-from serve_app.accounts.auth import OPEN_PATHS, KeyGuard
 from serve_app.gateway.bodies import (body_limit, ignored_fields_header, json_body, parse_body, read_json, validate,
-                              validation_error)
-from serve_app.config import GATEWAY_DEPLOYMENT_NAME, GatewayConfig
-from serve_app.accounts.credit.book import CreditBook
-from serve_app.accounts.credit.guard import CreditGuard
+                                      validation_error)
 from serve_app.gateway.directory import ModelDirectory, ModelEntry
-from serve_app.errors import (IdempotencyConflict, InternalError, InvalidRequest, MethodNotAllowed, ModelNotFound,
-                              NotFound, PayloadTooLarge, RateLimited, ServingError, StoreUnavailable)
 from serve_app.gateway.handling import EMBEDDINGS, RERANK, Endpoint, ModelCalls, RequestContext, Served, Usage, rank
-from serve_app.accounts.ledger import (MAX_IDEMPOTENCY_KEY_CHARS, Ledger, UsageRecord, fingerprint, request_id, sum_totals,
-                              usage_totals)
-from serve_app.metrics import GatewayMetrics
-from serve_app.accounts.ratelimit import limiter_handle
 from serve_app.gateway.responses import OrjsonResponse
-from serve_app.accounts.store import KeyStore, connect, database_url
+from serve_app.metrics import GatewayMetrics
 
 logger = logging.getLogger("ray.serve")
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from serve_app.errors import ModelStarting
 from serve_app.gateway import protocol
 from serve_app.gateway.directory import STARTING_RETRY_AFTER_S, ModelDirectory
-from serve_app.errors import ModelStarting
 
 router = APIRouter()
 

@@ -40,8 +40,8 @@ from ray import serve
 from models.errors import EngineInputError
 from serve_app.config import MODEL_DEPLOYMENT_NAME, BatchingConfig, ModelConfig
 from serve_app.errors import InternalError, InvalidRequest, Overloaded
-from serve_app.replica.loading import load_calibration, load_engine
 from serve_app.metrics import ModelMetrics
+from serve_app.replica.loading import load_calibration, load_engine
 
 logger = logging.getLogger("ray.serve")
 MAX_BATCHES_IN_FLIGHT = 64

@@ -9,7 +9,7 @@ the journal's sum minus the debits) and the ledger can never disagree.
 Modules:
     amounts.py  exact decimals: parsing, the stored 10^-12 units, the column type
     book.py     the tables' reads and writes (journal, debits, running sums, summaries, audit)
-    gateway.py  the gateway's side: the balances it admits by, refreshed with the keys, and the ledger hook
+    guard.py    the gateway's side: the balances it admits by, refreshed with the keys, and the ledger hook
 
 On the request path the balance check is a dict lookup: each gateway replica reloads the balances with the keys
 (every auth.key_refresh_s, and when an unknown key arrives) and learns every key's running sums again each time

@@ -13,17 +13,17 @@ credit entry is limited to MAX_ENTRY either way (a typo guard, and far inside bo
 
 from __future__ import annotations
 
-from decimal import Context, Decimal, DecimalException, Inexact, InvalidOperation, Overflow, localcontext
+from decimal import Decimal, DecimalException, InvalidOperation, localcontext
 from typing import Any
 
 from sqlalchemy import BigInteger, Numeric
 from sqlalchemy.types import TypeDecorator
 
+from serve_app.config import EXACT
+
 DECIMAL_PLACES = 12
 MAX_ENTRY = Decimal(1_000_000)
 SQLITE_MAX_TOTAL = Decimal(9_000_000)  # below 2^63 picos, with room for the debits of requests in flight
-# Exact arithmetic or an exception: products of counts and prices never round silently.
-EXACT = Context(prec=60, traps=[Inexact, InvalidOperation, Overflow])
 
 
 class InvalidAmount(ValueError):

@@ -18,10 +18,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from serve_app.accounts.credit.amounts import (SQLITE_MAX_TOTAL, CreditAmount, InvalidAmount, decimal_text, from_units,
-                                     parse_amount)
+                                               parse_amount)
 from serve_app.accounts.ledger import day_start
 from serve_app.accounts.store import (MAX_CREDIT_NOTE_CHARS, InvalidField, api_keys, credit_journal, credit_totals, now,
-                             usage_debits)
+                                      usage_debits)
 
 ZERO = Decimal(0)
 

@@ -9,9 +9,9 @@ from typing import Any, Callable
 
 from sqlalchemy.engine import Connection
 
-from serve_app.config import Price
 from serve_app.accounts.credit.amounts import decimal_text
 from serve_app.accounts.credit.book import Balance, CreditBook, debit_rows
+from serve_app.config import Price
 from serve_app.errors import InsufficientQuota
 
 ZERO = Decimal(0)

@@ -23,10 +23,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
-from serve_app.gateway.batches.protocol import BatchCreateRequest, BatchList, BatchObject, FileDeleted, FileList, FileObject
+from serve_app.errors import InvalidRequest, PayloadTooLarge
+from serve_app.gateway.batches.protocol import (BatchCreateRequest, BatchList, BatchObject, FileDeleted, FileList,
+                                                FileObject)
 from serve_app.gateway.batches.service import BatchService
 from serve_app.gateway.bodies import json_body, parse_body
-from serve_app.errors import InvalidRequest, PayloadTooLarge
 
 router = APIRouter(prefix="/v1")
 

@@ -36,18 +36,19 @@ from typing import Any
 from pydantic import ValidationError
 from ray import serve
 
-from serve_app.gateway.batches.lines import (LineReader, line_request_id, response_line, unrun_line, validate_input)
+from serve_app.accounts.credit.book import CreditBook
+from serve_app.accounts.credit.guard import CreditGuard
+from serve_app.accounts.ledger import UsageRecord
+from serve_app.accounts.store import connect, database_url
+from serve_app.config import GatewayConfig
+from serve_app.errors import InternalError, PayloadTooLarge, ServingError
+from serve_app.gateway.batches.lines import LineReader, line_request_id, response_line, unrun_line, validate_input
 from serve_app.gateway.batches.storage import FileStorage
 from serve_app.gateway.batches.store import BatchStore, LeaseLost, new_id, unix_now
 from serve_app.gateway.bodies import validation_error
-from serve_app.config import GatewayConfig
-from serve_app.accounts.credit.book import CreditBook
-from serve_app.accounts.credit.guard import CreditGuard
 from serve_app.gateway.directory import ModelDirectory
-from serve_app.errors import InternalError, PayloadTooLarge, ServingError
 from serve_app.gateway.endpoints import ENDPOINTS
 from serve_app.gateway.handling import Endpoint, ModelCalls, RequestContext
-from serve_app.accounts.ledger import UsageRecord
 
 logger = logging.getLogger("ray.serve")
 
@@ -141,8 +142,6 @@ class BatchRunner:
 
 class BatchWorker:
     def __init__(self, config: dict[str, Any] | None = None):
-        from serve_app.accounts.store import connect, database_url
-
         self.config = GatewayConfig.model_validate(config or {})
         self.settings = self.config.batches
         self.owner = new_id("runner_")

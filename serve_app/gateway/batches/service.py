@@ -17,13 +17,13 @@ from typing import IO, Any, Iterator
 
 from sqlalchemy.engine import Engine
 
+from serve_app.accounts.credit.guard import CreditGuard
+from serve_app.config import GatewayConfig
+from serve_app.errors import InvalidRequest, NotFound, PayloadTooLarge, StoreUnavailable
 from serve_app.gateway.batches.lines import EMBEDDING_ENDPOINTS, copy_upload
 from serve_app.gateway.batches.protocol import BatchCreateRequest
 from serve_app.gateway.batches.storage import FileStorage
 from serve_app.gateway.batches.store import BatchStore, new_id, unix_now
-from serve_app.config import GatewayConfig
-from serve_app.accounts.credit.guard import CreditGuard
-from serve_app.errors import InvalidRequest, NotFound, PayloadTooLarge, StoreUnavailable
 from serve_app.gateway.endpoints import ENDPOINTS
 
 logger = logging.getLogger("ray.serve")

@@ -13,8 +13,8 @@ from typing import IO, Iterator
 
 import fsspec
 
+from serve_app import PROJECT_ROOT
 from serve_app.config import LocalFileStorage, S3FileStorage
-from serve_app.accounts.store import PROJECT_ROOT
 
 READ_CHUNK_BYTES = 1 << 20
 

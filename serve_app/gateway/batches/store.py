@@ -18,8 +18,7 @@ import secrets
 import time
 from typing import Any, Callable
 
-from sqlalchemy import (JSON, BigInteger, Column, Float, Index, Integer, String, Table, and_, insert, or_, select,
-                        update)
+from sqlalchemy import JSON, BigInteger, Column, Float, Index, Integer, String, Table, and_, insert, or_, select, update
 from sqlalchemy.engine import Engine
 
 from serve_app.accounts.ledger import UsageRecord, insert_usage

@@ -35,7 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
+from serve_app.config import is_local_path, load_config_file
 from serve_app.replica.instructions import WEB_SEARCH_QUERY
+from serve_app.replica.weights import fetch_weights, resolve_local_path
 
 CORPUS_PATH = Path(__file__).with_name("calibration_corpus.txt")
 FILE_FORMAT = 1
@@ -161,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", help="float32 (default: the weights as exactly as possible)")
     args = parser.parse_args(argv)
 
-    from models import Qwen3Embedder
-    from serve_app.config import is_local_path, load_config_file
-    from serve_app.replica.loading import fetch_weights, resolve_local_path
+    from models import Qwen3Embedder  # torch: only when a calibration is made
 
     if args.config:
         configs = {model.name: model for model in load_config_file(args.config).model_configs()
