@@ -56,7 +56,8 @@ sys.path.insert(0, str(REPO))
 
 from bench import process_cpu  # noqa: E402
 from bench.engine_bench import make_texts  # noqa: E402
-from bench.serve_bench import ONE_DOCUMENT, model_application, percentile, stack_config  # noqa: E402
+from bench.serve_bench import (ONE_DOCUMENT, model_application, percentile, stack_config,  # noqa: E402
+                               start_serve)
 from models.base import DEFAULT_MAX_LENGTH  # noqa: E402
 from models.checkpoints import build_checkpoint, checkpoint_name  # noqa: E402
 
@@ -76,18 +77,15 @@ class Server:
     url: str
     headers: dict
     models: dict[str, str]  # "tiny" / "wide" -> the model's name in requests
-    # The server's processes in a /proc snapshot, by what they do ("gateway", "models", "ingress" ...)
+    # The server's processes in a /proc snapshot, by what they do ("gateway", "ingress", a model's name ...)
     processes: Callable[[dict], dict[str, list[process_cpu.Process]]]
 
 
 # ---- the two servers ------------------------------------------------------------------------------------
 
 def start_our_server(port: int, num_cpus: int):
-    """Ray and Serve, started as the tests start them; RAY_SERVE_ENABLE_HA_PROXY and the like come from this process's
-    environment, which Ray's processes inherit."""
-    from tests.serving import ServeInstance
-
-    return ServeInstance.start_on(port, num_cpus=num_cpus, num_gpus=0)
+    """Our server's start, in one place (the ingress and the like follow the environment: RAY_SERVE_ENABLE_HA_PROXY)."""
+    return start_serve(port, num_cpus)
 
 
 @contextlib.contextmanager
@@ -101,15 +99,13 @@ def our_server(checkpoints: dict[str, Path], args, database_url: str, secret: st
     haproxies: dict[tuple[int, int], process_cpu.Process] = {}
 
     def processes(table: dict) -> dict[str, list[process_cpu.Process]]:
-        # PostgreSQL's server, started by pg_ctl, leaves this process's tree: it is found by its data directory.
-        postmasters = [p for p in table.values() if database_marker and database_marker in p.title]
-        database = postmasters + [p for m in postmasters for p in process_cpu.descendants(m.pid, table)]
+        database = process_cpu.marked(database_marker, table)
         roles: dict[str, list[process_cpu.Process]] = {"database": database} if database else {}
         for process in process_cpu.descendants(os.getpid(), table):  # the Ray instance
             if process in database:
                 continue
-            role = process_cpu.serve_role(process)  # the gateway app also holds the batch runner
-            role = "gateway" if role == "replica:gateway" else "models" if role.startswith("replica:") else role
+            # "replica:gateway" (the gateway app also holds the batch runner), "replica:<model>", "ingress", "ray"
+            role = process_cpu.serve_role(process).replace("replica:", "")
             roles.setdefault(role, []).append(process)
         haproxies.update((p.key, p) for p in roles.get("ingress", []) if p.name == "haproxy")
         return roles
@@ -361,7 +357,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="layers of the shape-true 0.6B checkpoint")
     parser.add_argument("--texts-clients", type=int, default=4)
     parser.add_argument("--texts-per-request", type=int, default=8)
-    parser.add_argument("--texts-requests", type=int, default=48, help="requests of the timed texts/s run")
+    parser.add_argument("--texts-requests", type=int, default=32, help="requests of the timed texts/s run")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="torch threads of each server")
     parser.add_argument("--checkpoints", default=str(REPO / "checkpoints"))
     args = parser.parse_args()

@@ -59,6 +59,13 @@ def descendants(root: int, table: dict[tuple[int, int], Process]) -> list[Proces
     return found
 
 
+def marked(marker: str | None, table: dict[tuple[int, int], Process]) -> list[Process]:
+    """Processes whose command line holds `marker` (a PostgreSQL server's data directory: pg_ctl's server leaves the
+    tree of whoever started it), with their descendants (its backends, whose titles do not name the directory)."""
+    roots = [process for process in table.values() if marker and marker in process.title]
+    return roots + [process for root in roots for process in descendants(root.pid, table) if process not in roots]
+
+
 def cpu_seconds(before: dict, after: dict, keys) -> float:
     """CPU seconds the processes `keys` spent between two snapshots (a process started meanwhile counts whole)."""
     return sum(after[key].cpu_s - (before[key].cpu_s if key in before else 0.0) for key in keys if key in after)

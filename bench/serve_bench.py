@@ -110,6 +110,17 @@ def serve_config(rerank_path: Path, embed_path: Path, port: int, cpus: int, max_
                         auth=auth, database_url=database_url)
 
 
+def start_serve(port: int, num_cpus: int):
+    """A Ray instance of the benchmark's own with Serve on `port`, started as the tests start theirs (tests/serving.py):
+    this process's environment (RAY_SERVE_ENABLE_HA_PROXY ...) passes to Ray's processes. RAY_ADDRESS=local: never
+    join a cluster someone else started on this machine with `ray start` (ray.init would, and its processes are not
+    ours to measure)."""
+    from tests.serving import ServeInstance
+
+    os.environ["RAY_ADDRESS"] = "local"
+    return ServeInstance.start_on(port, num_cpus=num_cpus, num_gpus=0)
+
+
 def body(kind: str, docs: list[str]) -> dict:
     if kind == "rerank":
         return {"model": "bench-reranker", "query": QUERY, "documents": docs}
