@@ -20,7 +20,7 @@ same vectors. Targets (issue 25): ours p50 at most Infinity's, requests/s at lea
     python bench/peer_bench.py --no-haproxy                      # ours on Serve's Python proxy
     python bench/peer_bench.py --phases latency rate --latency-samples 50 --rate-requests 300  # a quick look
 
-Ours starts the way the tests start Serve (start_our_server); `--haproxy` / `--no-haproxy` set
+Ours starts as the other benchmarks start it (serve_bench.start_serve); `--haproxy` / `--no-haproxy` set
 RAY_SERVE_ENABLE_HA_PROXY for that Ray instance, and without either the environment decides. Infinity runs from its
 own virtualenv (`--infinity-venv`, default /work/peers/infinity), never from the project's; install it once with
 
@@ -56,8 +56,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import process_cpu  # noqa: E402
 from bench.engine_bench import make_texts  # noqa: E402
-from bench.serve_bench import (ONE_DOCUMENT, model_application, percentile, stack_config,  # noqa: E402
-                               start_serve)
+from bench.serve_bench import ONE_DOCUMENT, local_serve, model_application, percentile, stack_config  # noqa
 from models.base import DEFAULT_MAX_LENGTH  # noqa: E402
 from models.checkpoints import build_checkpoint, checkpoint_name  # noqa: E402
 
@@ -83,20 +82,15 @@ class Server:
 
 # ---- the two servers ------------------------------------------------------------------------------------
 
-def start_our_server(port: int, num_cpus: int):
-    """Our server's start, in one place (the ingress and the like follow the environment: RAY_SERVE_ENABLE_HA_PROXY)."""
-    return start_serve(port, num_cpus)
-
-
 @contextlib.contextmanager
 def our_server(checkpoints: dict[str, Path], args, database_url: str, secret: str | None,
                database_marker: str | None) -> Iterator[Server]:
+    """Our gateway and one model application per checkpoint, in a Ray instance of this run's own (local_serve: the
+    start the other benchmarks use; the ingress follows the environment, RAY_SERVE_ENABLE_HA_PROXY)."""
     from tests.serving import free_port
 
     port = free_port()
     models = {kind: path.name for kind, path in checkpoints.items()}
-    instance = start_our_server(port, num_cpus=max(8, 2 * args.cpus + 2))
-    haproxies: dict[tuple[int, int], process_cpu.Process] = {}
 
     def processes(table: dict) -> dict[str, list[process_cpu.Process]]:
         database = process_cpu.marked(database_marker, table)
@@ -107,10 +101,9 @@ def our_server(checkpoints: dict[str, Path], args, database_url: str, secret: st
             # "replica:gateway" (the gateway app also holds the batch runner), "replica:<model>", "ingress", "ray"
             role = process_cpu.serve_role(process).replace("replica:", "")
             roles.setdefault(role, []).append(process)
-        haproxies.update((p.key, p) for p in roles.get("ingress", []) if p.name == "haproxy")
         return roles
 
-    try:
+    with local_serve(port, num_cpus=max(8, 2 * args.cpus + 2)) as instance:
         instance.headers = {"Authorization": f"Bearer {secret}"} if secret else {}
         instance.deploy(stack_config(port, [model_application(name, "embed", checkpoints[kind], args.cpus)
                                             for kind, name in models.items()],
@@ -118,24 +111,6 @@ def our_server(checkpoints: dict[str, Path], args, database_url: str, secret: st
         ingresses = processes(process_cpu.snapshot()).get("ingress", [])
         ingress = "HAProxy" if any(p.name == "haproxy" for p in ingresses) else "Serve's Python proxy"
         yield Server(f"ours ({ingress})", instance.url, instance.headers, models, processes)
-    finally:
-        processes(process_cpu.snapshot())  # note a haproxy started late (a reload) too
-        instance.stop()
-        end_leftover_haproxies(haproxies)
-
-
-def end_leftover_haproxies(started: dict[tuple[int, int], process_cpu.Process]) -> None:
-    """HAProxy processes of our Ray instance that outlived it (issue 25 saw a reloaded one left listening) are ended
-    here, by pid and start time: only the ones this run saw."""
-    time.sleep(1)
-    left = [process for key, process in started.items() if key in process_cpu.snapshot()]
-    for process in left:
-        print(f"  haproxy pid {process.pid} outlived the Ray instance: ending it", flush=True)
-        os.kill(process.pid, signal.SIGTERM)
-    time.sleep(2)
-    for process in left:
-        if process.key in process_cpu.snapshot():
-            os.kill(process.pid, signal.SIGKILL)
 
 
 def sentence_transformers_copy(checkpoint: Path, out: Path, dimensions: int) -> Path:

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import os
+import signal
 import statistics
 import sys
 import time
@@ -119,6 +121,28 @@ def start_serve(port: int, num_cpus: int):
 
     os.environ["RAY_ADDRESS"] = "local"
     return ServeInstance.start_on(port, num_cpus=num_cpus, num_gpus=0)
+
+
+@contextlib.contextmanager
+def local_serve(port: int, num_cpus: int):
+    """start_serve(), stopped on the way out; an HAProxy of this instance that outlives it (issue 25 saw a reloaded
+    one left listening) is ended by its pid, and only such a one."""
+    from bench import process_cpu
+
+    instance = start_serve(port, num_cpus)
+    haproxies: list[process_cpu.Process] = []
+    try:
+        yield instance
+    finally:
+        try:
+            haproxies = [p for p in process_cpu.descendants(os.getpid(), process_cpu.snapshot()) if p.name == "haproxy"]
+        finally:
+            instance.stop()
+            time.sleep(1)
+            for process in haproxies:
+                if process.key in process_cpu.snapshot():  # the same pid and start time: still that process
+                    print(f"haproxy pid {process.pid} outlived its Ray instance: ending it", flush=True)
+                    os.kill(process.pid, signal.SIGKILL)
 
 
 def body(kind: str, docs: list[str]) -> dict:
