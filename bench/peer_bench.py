@@ -367,9 +367,12 @@ def main() -> None:
         for start in (lambda: our_server(checkpoints, args, database_url, secret, database_marker),
                       lambda: infinity_server(checkpoints, args, workdir, secret)):
             with start() as server:
-                print(f"\n{server.name}: measuring", flush=True)
+                # The servers are measured at different times on shared cores: the load average says how comparable
+                load = os.getloadavg()[0]
+                print(f"\n{server.name}: measuring (load average {load:.1f}", end="", flush=True)
                 servers.append(server)
                 results.append(asyncio.run(measure(server, args)))
+                print(f" -> {os.getloadavg()[0]:.1f})", flush=True)
             if len(results) == 2:
                 check_same_vectors(results[0]["vectors"], results[1]["vectors"])
     report(servers, results, args)
