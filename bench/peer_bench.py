@@ -113,7 +113,7 @@ def our_server(checkpoints: dict[str, Path], args, database_url: str, secret: st
         yield Server(f"ours ({ingress})", instance.url, instance.headers, models, processes)
 
 
-def sentence_transformers_copy(checkpoint: Path, out: Path, dimensions: int) -> Path:
+def sentence_transformers_copy(checkpoint: Path, out: Path) -> Path:
     """`checkpoint` as the sentence-transformers directory Qwen3-Embedding publishes (Transformer -> last-token
     pooling -> Normalize), its files symlinked. config.json gets `rope_theta` too: the checkpoint is written by our
     transformers (5.x, `rope_parameters`) and Infinity's (4.x) reads only `rope_theta`, defaulting to 10000."""
@@ -134,7 +134,7 @@ def sentence_transformers_copy(checkpoint: Path, out: Path, dimensions: int) -> 
                                                                        "similarity_fn_name": "cosine"}))
     (out / "1_Pooling").mkdir()
     (out / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": dimensions, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False,
+        "word_embedding_dimension": config["hidden_size"], "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False,
         "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
         "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": True, "include_prompt": True}))
     (out / "2_Normalize").mkdir()
@@ -148,12 +148,14 @@ def infinity_server(checkpoints: dict[str, Path], args, workdir: Path, secret: s
     executable = Path(args.infinity_venv) / "bin" / "infinity_emb"
     if not executable.exists():
         raise SystemExit(f"{executable} not found: install Infinity into its own virtualenv (see this script's help)")
+    version = subprocess.run([str(executable.with_name("python")), "-c", "import importlib.metadata as m; "
+                              "print(m.version('infinity_emb'))"], capture_output=True, text=True).stdout.strip()
     port, models = free_port(), {kind: path.name for kind, path in checkpoints.items()}
+    headers = {"Authorization": f"Bearer {secret}"} if secret else {}
     command = [str(executable), "v2", "--host", "127.0.0.1", "--port", str(port), "--url-prefix", "/v1",
                "--engine", "torch", "--device", "cpu", "--log-level", "warning"]
     for kind, path in checkpoints.items():
-        hidden = json.loads((path / "config.json").read_text())["hidden_size"]
-        command += ["--model-id", str(sentence_transformers_copy(path, workdir / f"st-{path.name}", hidden)),
+        command += ["--model-id", str(sentence_transformers_copy(path, workdir / f"st-{path.name}")),
                     "--served-model-name", models[kind]]
     if secret:
         command += ["--api-key", secret]
@@ -165,15 +167,13 @@ def infinity_server(checkpoints: dict[str, Path], args, workdir: Path, secret: s
     with log.open("wb") as output:
         server = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_until_serving(f"http://127.0.0.1:{port}/v1/models", set(models.values()), server, log,
-                           {"Authorization": f"Bearer {secret}"} if secret else {})
+        wait_until_serving(f"http://127.0.0.1:{port}/v1/models", set(models.values()), server, log, headers)
 
         def processes(table: dict) -> dict[str, list[process_cpu.Process]]:
             return {"server": [p for p in table.values() if p.pid == server.pid]
                     + process_cpu.descendants(server.pid, table)}
 
-        yield Server("Infinity 0.0.78", f"http://127.0.0.1:{port}",
-                     {"Authorization": f"Bearer {secret}"} if secret else {}, models, processes)
+        yield Server(f"Infinity {version}", f"http://127.0.0.1:{port}", headers, models, processes)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGTERM)  # its own process group: it and anything it started
