@@ -1,13 +1,16 @@
 """Our stack against Infinity 0.0.78, a single-process embedding server, on the same checkpoints with one client.
 
-The servers run one after the other, each loading the same two embedding checkpoints, and this process drives both
-with the same aiohttp client code and the same request bodies (OpenAI `/v1/embeddings`, base64 vectors):
+The servers run one after the other, each serving one embedding checkpoint at a time (ours redeploys its model
+application, Infinity starts a process per checkpoint), and this process drives both with the same aiohttp client
+code and the same request bodies (OpenAI `/v1/embeddings`, base64 vectors):
 
-  latency   sequential one-text requests, tiny checkpoint: p50 and p90
-  rate      `--concurrency` (32) closed-loop clients of one-text requests, tiny checkpoint: requests/s, and the CPU
-            seconds the server's processes spent per 1,000 requests meanwhile (from /proc, the client's own excluded:
-            unlike the rate, that figure does not depend on the client sharing the cores)
-  texts     4 clients x 8 texts (20-80 words) per request on the shape-true 0.6B widths, 4 layers: texts/s
+  tiny checkpoint, `--tiny-threads` torch threads (default 1, what configs/tiny.yaml gives its models)
+    latency   sequential one-text requests: p50 and p90
+    rate      `--concurrency` (32) closed-loop clients of one-text requests: requests/s, and the CPU seconds the
+              server's processes spent per 1,000 requests meanwhile (from /proc, the client's own excluded: unlike
+              the rate, that figure does not depend on the client sharing the cores)
+  shape-true 0.6B widths, 4 layers, `--wide-threads` torch threads (default: every core)
+    texts     4 clients x 8 texts (20-80 words) per request: texts/s
 
 Before measuring, both servers embed the same few texts, and the cosines between their vectors are printed (and the
 run stops if they differ): Infinity is given the checkpoint as a sentence-transformers directory (a copy of ours
@@ -26,8 +29,9 @@ own virtualenv (`--infinity-venv`, default /work/peers/infinity), never from the
 
     python3 -m venv /work/peers/infinity && /work/peers/infinity/bin/pip install torch==2.13.0 'infinity-emb[server,torch]==0.0.78'
 
-Both get `--cpus` torch threads (ours: the model replica's num_cpus; Infinity: OMP_NUM_THREADS). The load generator
-runs in this process, on the same cores as the servers.
+Both get the same torch threads (ours: the model replica's num_cpus; Infinity: OMP_NUM_THREADS). The load generator
+runs in this process, on the same cores as the servers; each server's line prints the load average around its
+measurement, as the servers run at different times.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from bench.serve_bench import ONE_DOCUMENT, local_serve, model_application, perc
 from models.base import DEFAULT_MAX_LENGTH  # noqa: E402
 from models.checkpoints import build_checkpoint, checkpoint_name  # noqa: E402
 
+WORKLOADS = {"tiny": ("latency", "rate"), "wide": ("texts",)}  # checkpoint -> the phases measured on it
 PHASES = ("latency", "rate", "texts")
 ROUTE = "/v1/embeddings"
 # Texts of different lengths, sent in one request: padding inside a batch must not change a vector either. None
@@ -75,22 +80,24 @@ class Server:
     name: str
     url: str
     headers: dict
-    models: dict[str, str]  # "tiny" / "wide" -> the model's name in requests
-    # The server's processes in a /proc snapshot, by what they do ("gateway", "ingress", a model's name ...)
+    model: str  # its name in requests
+    # The server's processes in a /proc snapshot, by what they do ("gateway", "ingress", "model" ...)
     processes: Callable[[dict], dict[str, list[process_cpu.Process]]]
 
 
 # ---- the two servers ------------------------------------------------------------------------------------
 
+# Each yields serve(checkpoint, threads) -> Server: that checkpoint's model alone, with `threads` torch threads.
+
 @contextlib.contextmanager
-def our_server(checkpoints: dict[str, Path], args, database_url: str, secret: str | None,
-               database_marker: str | None) -> Iterator[Server]:
-    """Our gateway and one model application per checkpoint, in a Ray instance of this run's own (local_serve: the
-    start the other benchmarks use; the ingress follows the environment, RAY_SERVE_ENABLE_HA_PROXY)."""
+def our_servers(database_url: str, secret: str | None, database_marker: str | None,
+                max_threads: int) -> Iterator[Callable[[Path, int], Server]]:
+    """Our gateway in a Ray instance of this run's own (local_serve: the start the other benchmarks use; the ingress
+    follows the environment, RAY_SERVE_ENABLE_HA_PROXY), and the checkpoint's model application deployed beside it,
+    in place of the one before (one Ray start per run)."""
     from tests.serving import free_port
 
     port = free_port()
-    models = {kind: path.name for kind, path in checkpoints.items()}
 
     def processes(table: dict) -> dict[str, list[process_cpu.Process]]:
         database = process_cpu.marked(database_marker, table)
@@ -99,18 +106,22 @@ def our_server(checkpoints: dict[str, Path], args, database_url: str, secret: st
             if process in database:
                 continue
             # "replica:gateway" (the gateway app also holds the batch runner), "replica:<model>", "ingress", "ray"
-            role = process_cpu.serve_role(process).replace("replica:", "")
+            role = process_cpu.serve_role(process)
+            role = "gateway" if role == "replica:gateway" else "model" if role.startswith("replica:") else role
             roles.setdefault(role, []).append(process)
         return roles
 
-    with local_serve(port, num_cpus=max(8, 2 * args.cpus + 2)) as instance:
+    with local_serve(port, num_cpus=max(8, max_threads + 2)) as instance:
         instance.headers = {"Authorization": f"Bearer {secret}"} if secret else {}
-        instance.deploy(stack_config(port, [model_application(name, "embed", checkpoints[kind], args.cpus)
-                                            for kind, name in models.items()],
-                                     auth=secret is not None, database_url=database_url))
-        ingresses = processes(process_cpu.snapshot()).get("ingress", [])
-        ingress = "HAProxy" if any(p.name == "haproxy" for p in ingresses) else "Serve's Python proxy"
-        yield Server(f"ours ({ingress})", instance.url, instance.headers, models, processes)
+
+        def serve(checkpoint: Path, threads: int) -> Server:
+            instance.deploy(stack_config(port, [model_application(checkpoint.name, "embed", checkpoint, threads)],
+                                         auth=secret is not None, database_url=database_url))
+            ingresses = processes(process_cpu.snapshot()).get("ingress", [])
+            ingress = "HAProxy" if any(p.name == "haproxy" for p in ingresses) else "Serve's Python proxy"
+            return Server(f"ours ({ingress})", instance.url, instance.headers, checkpoint.name, processes)
+
+        yield serve
 
 
 def sentence_transformers_copy(checkpoint: Path, out: Path) -> Path:
@@ -134,46 +145,46 @@ def sentence_transformers_copy(checkpoint: Path, out: Path) -> Path:
                                                                        "similarity_fn_name": "cosine"}))
     (out / "1_Pooling").mkdir()
     (out / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": config["hidden_size"], "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False,
-        "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
-        "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": True, "include_prompt": True}))
+        "word_embedding_dimension": config["hidden_size"], "pooling_mode_lasttoken": True, "include_prompt": True,
+        "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False}))
     (out / "2_Normalize").mkdir()
     return out
 
 
 @contextlib.contextmanager
-def infinity_server(checkpoints: dict[str, Path], args, workdir: Path, secret: str | None) -> Iterator[Server]:
+def infinity_server(checkpoint: Path, threads: int, venv: str, workdir: Path,
+                    secret: str | None) -> Iterator[Server]:
     from tests.serving import free_port
 
-    executable = Path(args.infinity_venv) / "bin" / "infinity_emb"
+    executable = Path(venv) / "bin" / "infinity_emb"
     if not executable.exists():
         raise SystemExit(f"{executable} not found: install Infinity into its own virtualenv (see this script's help)")
     version = subprocess.run([str(executable.with_name("python")), "-c", "import importlib.metadata as m; "
                               "print(m.version('infinity_emb'))"], capture_output=True, text=True).stdout.strip()
-    port, models = free_port(), {kind: path.name for kind, path in checkpoints.items()}
+    port = free_port()
     headers = {"Authorization": f"Bearer {secret}"} if secret else {}
     command = [str(executable), "v2", "--host", "127.0.0.1", "--port", str(port), "--url-prefix", "/v1",
-               "--engine", "torch", "--device", "cpu", "--log-level", "warning"]
-    for kind, path in checkpoints.items():
-        command += ["--model-id", str(sentence_transformers_copy(path, workdir / f"st-{path.name}")),
-                    "--served-model-name", models[kind]]
+               "--engine", "torch", "--device", "cpu", "--log-level", "warning",
+               "--model-id", str(sentence_transformers_copy(checkpoint, workdir / f"st-{checkpoint.name}")),
+               "--served-model-name", checkpoint.name]
     if secret:
         command += ["--api-key", secret]
     # Its own environment: none of our PYTHONPATH or Ray settings; offline; the same torch threads as ours.
     env = {name: value for name, value in os.environ.items() if not name.startswith(("PYTHON", "RAY_", "VIRTUAL_ENV"))}
-    env.update(OMP_NUM_THREADS=str(args.cpus), HF_HUB_OFFLINE="1", INFINITY_ANONYMOUS_USAGE_STATS="0",
+    env.update(OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", INFINITY_ANONYMOUS_USAGE_STATS="0",
                DO_NOT_TRACK="1")
-    log = workdir / "infinity.log"
+    log = workdir / f"infinity-{checkpoint.name}.log"
     with log.open("wb") as output:
         server = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_until_serving(f"http://127.0.0.1:{port}/v1/models", set(models.values()), server, log, headers)
+        wait_until_serving(f"http://127.0.0.1:{port}/v1/models", checkpoint.name, server, log, headers)
 
         def processes(table: dict) -> dict[str, list[process_cpu.Process]]:
             return {"server": [p for p in table.values() if p.pid == server.pid]
                     + process_cpu.descendants(server.pid, table)}
 
-        yield Server(f"Infinity {version}", f"http://127.0.0.1:{port}", headers, models, processes)
+        yield Server(f"Infinity {version}", f"http://127.0.0.1:{port}", headers, checkpoint.name, processes)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGTERM)  # its own process group: it and anything it started
@@ -184,7 +195,18 @@ def infinity_server(checkpoints: dict[str, Path], args, workdir: Path, secret: s
             server.wait()
 
 
-def wait_until_serving(url: str, names: set[str], server: subprocess.Popen, log: Path, headers: dict,
+@contextlib.contextmanager
+def infinity_servers(venv: str, workdir: Path, secret: str | None) -> Iterator[Callable[[Path, int], Server]]:
+    """One Infinity process per checkpoint, stopped when the next starts (its thread count is per process)."""
+    with contextlib.ExitStack() as running:
+        def serve(checkpoint: Path, threads: int) -> Server:
+            running.close()
+            return running.enter_context(infinity_server(checkpoint, threads, venv, workdir, secret))
+
+        yield serve
+
+
+def wait_until_serving(url: str, name: str, server: subprocess.Popen, log: Path, headers: dict,
                        timeout_s: float = 600) -> None:
     import httpx
 
@@ -194,10 +216,10 @@ def wait_until_serving(url: str, names: set[str], server: subprocess.Popen, log:
             raise RuntimeError(f"Infinity exited ({server.returncode}) while starting:\n{log.read_text()[-3000:]}")
         with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
             response = httpx.get(url, headers=headers, timeout=5)
-            if names <= {model["id"] for model in response.json()["data"]}:
+            if name in {model["id"] for model in response.json()["data"]}:
                 return
         time.sleep(1)
-    raise TimeoutError(f"Infinity did not serve {names} within {timeout_s} s:\n{log.read_text()[-3000:]}")
+    raise TimeoutError(f"Infinity did not serve {name} within {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
 # ---- one client for both ----------------------------------------------------------------------------------
@@ -214,9 +236,10 @@ async def post(session, server: Server, body: dict) -> bytes:
         return content
 
 
-async def vectors(session, server: Server, model: str, texts: list[str]) -> np.ndarray:
-    data = sorted(json.loads(await post(session, server, payload(model, texts)))["data"], key=lambda d: d["index"])
-    return np.stack([np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4") for item in data])
+async def vectors(session, server: Server, texts: list[str]) -> np.ndarray:
+    data = json.loads(await post(session, server, payload(server.model, texts)))["data"]
+    return np.stack([np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4")
+                     for item in sorted(data, key=lambda item: item["index"])])
 
 
 async def sequential(session, server: Server, body: dict, count: int) -> list[float]:
@@ -243,16 +266,15 @@ async def closed_loop(session, server: Server, bodies: list[dict], clients: int,
     return time.perf_counter() - start
 
 
-async def measure(server: Server, args) -> dict:
+async def measure(server: Server, phases: list[str], args) -> dict:
     results: dict = {}
-    tiny, one_text = server.models["tiny"], payload(server.models["tiny"], ONE_DOCUMENT)
+    one_text = payload(server.model, ONE_DOCUMENT)
     async with aiohttp.ClientSession(server.url, connector=aiohttp.TCPConnector(limit=args.concurrency)) as session:
-        results["vectors"] = {kind: await vectors(session, server, model, CHECK_TEXTS)
-                              for kind, model in server.models.items()}
-        if "latency" in args.phases:
+        results["vectors"] = await vectors(session, server, CHECK_TEXTS)
+        if "latency" in phases:
             await sequential(session, server, one_text, 20)
             results["latency"] = await sequential(session, server, one_text, args.latency_samples)
-        if "rate" in args.phases:
+        if "rate" in phases:
             await closed_loop(session, server, [one_text], args.concurrency, 2 * args.concurrency)
             before = process_cpu.snapshot()
             seconds = await closed_loop(session, server, [one_text], args.concurrency, args.rate_requests)
@@ -261,10 +283,9 @@ async def measure(server: Server, args) -> dict:
             results["cpu_per_1000"] = {
                 role: 1000 * process_cpu.cpu_seconds(before, after, [p.key for p in group]) / args.rate_requests
                 for role, group in server.processes(after).items()}
-        if "texts" in args.phases:
-            wide = server.models["wide"]
+        if "texts" in phases:
             texts = make_texts(args.texts_requests * args.texts_per_request, 20, 80, seed=1)
-            bodies = [payload(wide, texts[i:i + args.texts_per_request])
+            bodies = [payload(server.model, texts[i:i + args.texts_per_request])
                       for i in range(0, len(texts), args.texts_per_request)]
             await closed_loop(session, server, bodies, args.texts_clients, args.texts_clients)
             seconds = await closed_loop(session, server, bodies, args.texts_clients, args.texts_requests)
@@ -274,31 +295,27 @@ async def measure(server: Server, args) -> dict:
 
 # ---- report ---------------------------------------------------------------------------------------------
 
-def check_same_vectors(ours: dict, theirs: dict) -> None:
+def check_same_vectors(checkpoint: str, ours: np.ndarray, theirs: np.ndarray) -> None:
     """Cosine between our vector and Infinity's for each check text; stops the run when they are not the same."""
-    worst = 1.0
-    for kind in ours:
-        cosines = [float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) for a, b in zip(ours[kind], theirs[kind])]
-        worst = min(worst, *cosines)
-        print(f"same vectors, {kind} checkpoint: cosine ours / Infinity per text "
-              + " ".join(f"{c:.7f}" for c in cosines), flush=True)
-    if worst < SAME_VECTORS_COSINE:
-        raise SystemExit(f"the servers compute different vectors (cosine {worst:.5f}): the comparison would be void")
+    cosines = [float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) for a, b in zip(ours, theirs)]
+    print(f"same vectors, {checkpoint}: cosine ours / Infinity per text " + " ".join(f"{c:.7f}" for c in cosines),
+          flush=True)
+    if min(cosines) < SAME_VECTORS_COSINE:
+        raise SystemExit(f"the servers compute different vectors (cosine {min(cosines):.5f}): the comparison is void")
 
 
-def report(servers: list[Server], results: list[dict], args) -> None:
-    ours, theirs = results
+def report(ours: dict, theirs: dict, args) -> None:
     print(f"\n{'metric':<44} {'ours':>10} {'Infinity':>10} {'ours/Inf.':>10}  target")
     rows = []
-    if "latency" in args.phases:
+    if "latency" in ours:
         for name, q in (("p50", 0.5), ("p90", 0.9)):
-            rows.append((f"{name} one text, sequential (ms)", *(percentile(r["latency"], q) * 1e3 for r in results),
-                         ("<=", 1.0) if name == "p50" else None))
-    if "rate" in args.phases:
+            a, b = (percentile(r["latency"], q) * 1e3 for r in (ours, theirs))
+            rows.append((f"{name} one text, sequential (ms)", a, b, ("<=", 1.0) if name == "p50" else None))
+    if "rate" in ours:
         rows.append((f"requests/s, {args.concurrency} clients, one text", ours["rate"], theirs["rate"], (">=", 1.0)))
         rows.append(("server CPU s per 1,000 of those requests", sum(ours["cpu_per_1000"].values()),
                      sum(theirs["cpu_per_1000"].values()), None))
-    if "texts" in args.phases:
+    if "texts" in ours:
         rows.append((f"texts/s, 0.6b {args.layers}l, {args.texts_clients} x {args.texts_per_request} texts",
                      ours["texts"], theirs["texts"], (">=", 2.5)))
     for label, a, b, target in rows:
@@ -308,7 +325,7 @@ def report(servers: list[Server], results: list[dict], args) -> None:
             met = a / b <= bound if sign == "<=" else a / b >= bound
             verdict = f"{sign} {bound:.2f}x  {'met' if met else 'missed'}"
         print(f"{label:<44} {a:>10.2f} {b:>10.2f} {a / b:>9.2f}x  {verdict}")
-    if "rate" in args.phases:
+    if "rate" in ours:
         print("ours' CPU s per 1,000 requests by process: " + ", ".join(
             f"{role} {seconds:.2f}" for role, seconds in sorted(ours["cpu_per_1000"].items())))
 
@@ -333,7 +350,9 @@ def main() -> None:
     parser.add_argument("--texts-clients", type=int, default=4)
     parser.add_argument("--texts-per-request", type=int, default=8)
     parser.add_argument("--texts-requests", type=int, default=32, help="requests of the timed texts/s run")
-    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="torch threads of each server")
+    parser.add_argument("--tiny-threads", type=int, default=1, help="torch threads of each server, tiny checkpoint")
+    parser.add_argument("--wide-threads", type=int, default=os.cpu_count() or 2,
+                        help="torch threads of each server, 0.6B widths (default: every core)")
     parser.add_argument("--checkpoints", default=str(REPO / "checkpoints"))
     args = parser.parse_args()
     if args.haproxy is not None:  # before Ray starts: its processes inherit this environment
@@ -341,19 +360,23 @@ def main() -> None:
     signal.signal(signal.SIGTERM, interrupted)
 
     folder = Path(args.checkpoints).resolve()
-    shapes = {"tiny": ("tiny", None)} | ({"wide": ("0.6b", args.layers)} if "texts" in args.phases else {})
-    checkpoints = {kind: build_checkpoint(folder / checkpoint_name("embed", shape, layers), "embed", shape, layers)
-                   for kind, (shape, layers) in shapes.items()}
+    workloads = {kind: [phase for phase in phases if phase in args.phases] for kind, phases in WORKLOADS.items()}
+    shapes = {"tiny": ("tiny", None), "wide": ("0.6b", args.layers)}
+    threads = {"tiny": args.tiny_threads, "wide": args.wide_threads}
     print(f"phases {' '.join(args.phases)}; auth {'on' if args.auth else 'off'}, {args.database} ledger; "
-          f"RAY_SERVE_ENABLE_HA_PROXY={os.environ.get('RAY_SERVE_ENABLE_HA_PROXY', '(unset)')}; {args.cpus} torch "
-          f"threads each; {args.latency_samples} sequential, {args.concurrency} clients x {args.rate_requests} "
-          f"requests, {args.texts_clients} clients x {args.texts_requests} requests of {args.texts_per_request} texts",
-          flush=True)
+          f"RAY_SERVE_ENABLE_HA_PROXY={os.environ.get('RAY_SERVE_ENABLE_HA_PROXY', '(unset)')}; torch threads "
+          f"{args.tiny_threads} (tiny) / {args.wide_threads} (0.6b); {args.latency_samples} sequential, "
+          f"{args.concurrency} clients x {args.rate_requests} requests, {args.texts_clients} clients x "
+          f"{args.texts_requests} requests of {args.texts_per_request} texts", flush=True)
 
     from serve_app.accounts.keys import KeyStore
     from serve_app.accounts.store import connect
     from tests.postgres import PostgresServer
 
+    checkpoints = {kind: build_checkpoint(folder / checkpoint_name("embed", *shapes[kind]), "embed", *shapes[kind])
+                   for kind, phases in workloads.items() if phases}
+    results: dict[str, dict] = {"ours": {}, "Infinity": {}}
+    vectors: dict[str, list[np.ndarray]] = {kind: [] for kind in checkpoints}
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="peer-bench-")))
         database_url, database_marker = f"sqlite:///{workdir / 'bench.db'}", None
@@ -363,19 +386,22 @@ def main() -> None:
             database_url, database_marker = postgres.url, str(postgres.root)
         secret = KeyStore(connect(database_url)).create("peer-bench")[1] if args.auth else None
 
-        servers, results = [], []
-        for start in (lambda: our_server(checkpoints, args, database_url, secret, database_marker),
-                      lambda: infinity_server(checkpoints, args, workdir, secret)):
-            with start() as server:
-                # The servers are measured at different times on shared cores: the load average says how comparable
-                load = os.getloadavg()[0]
-                print(f"\n{server.name}: measuring (load average {load:.1f}", end="", flush=True)
-                servers.append(server)
-                results.append(asyncio.run(measure(server, args)))
-                print(f" -> {os.getloadavg()[0]:.1f})", flush=True)
-            if len(results) == 2:
-                check_same_vectors(results[0]["vectors"], results[1]["vectors"])
-    report(servers, results, args)
+        for label, servers in (
+                ("ours", lambda: our_servers(database_url, secret, database_marker, max(threads.values()))),
+                ("Infinity", lambda: infinity_servers(args.infinity_venv, workdir, secret))):
+            with servers() as serve:
+                for kind, checkpoint in checkpoints.items():
+                    server = serve(checkpoint, threads[kind])
+                    # The servers run at different times on shared cores: the load average says how comparable
+                    load = os.getloadavg()[0]
+                    print(f"{server.name}, {checkpoint.name}: measuring {' '.join(workloads[kind])}", flush=True)
+                    measured = asyncio.run(measure(server, workloads[kind], args))
+                    print(f"  load average {load:.1f} -> {os.getloadavg()[0]:.1f}", flush=True)
+                    vectors[kind].append(measured.pop("vectors"))
+                    results[label].update(measured)
+    for kind, (ours, theirs) in vectors.items():
+        check_same_vectors(checkpoints[kind].name, ours, theirs)
+    report(results["ours"], results["Infinity"], args)
 
 
 if __name__ == "__main__":
