@@ -201,7 +201,7 @@ def test_embed_options(served, card_embedder):
                           headers=served.headers, timeout=60).json()
     assert close(prompted, card_embedder.embeddings([card_query], dimensions=32))
     raw = httpx.post(url, json={"inputs": [query], "normalize": False}, headers=served.headers, timeout=60).json()
-    assert close(raw, card_embedder.embeddings([query], normalize=False), TOLERANCE * 10)  # norms near 8 here
+    assert close(raw, card_embedder.embeddings([query], normalize=False))
     for name in ("classification", "document"):
         got = httpx.post(url, json={"inputs": [query], "prompt_name": name}, headers=served.headers, timeout=60)
         instruction = PROMPT_NAME_INSTRUCTIONS[name]
@@ -523,7 +523,7 @@ def test_haystack_embedders(served, new_key, card_embedder):
     # Haystack's default normalize=False: the pooled vector, not normalised.
     got = text.run(query)["embedding"]
     card_query = card_embedder.get_detailed_instruct(WEB_SEARCH_QUERY, query)
-    assert close([got], card_embedder.embeddings([card_query], normalize=False), TOLERANCE * 10)
+    assert close([got], card_embedder.embeddings([card_query], normalize=False))
     documents = HuggingFaceAPIDocumentEmbedder(**params, normalize=True, batch_size=5, progress_bar=False)
     embedded = documents.run([Document(content=d) for d in DOCUMENTS])["documents"]
     assert close([d.embedding for d in embedded], card_embedder.embeddings(DOCUMENTS))
@@ -584,7 +584,7 @@ def readme_snippets(section: str) -> list[str]:
 def test_readme_tei_snippets_run_as_written(served, api_key):
     """Each snippet, against the live server: the README's URL and placeholder key replaced by the test's."""
     snippets = readme_snippets("### Text Embeddings Inference and vLLM clients")
-    assert len(snippets) >= 5
+    assert len(snippets) == 4  # huggingface_hub, LlamaIndex, Haystack, token counting and score
     for snippet in snippets:
         code = snippet.replace("http://127.0.0.1:8000", served.url).replace("unused-until-auth-is-on", api_key)
         namespace: dict = {}
