@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 LONG = "The giant panda lives in the mountains of central China and eats bamboo. " * 800  # > 8192 tokens
 
 
-# ---- fixtures -----------------------------------------------------------------------------------------------------
+# ---- fixtures ----------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def card_embedder(tiny_embedder_path):
@@ -108,7 +108,7 @@ def tei_url(served, model: str) -> str:
     return f"{served.url}/tei/{model}"
 
 
-# ---- the engines' token counts (no server) ------------------------------------------------------------------------
+# ---- the engines' token counts (no server) -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("instruction", [None, WEB_SEARCH_QUERY])
 def test_embedder_tokens_are_the_sequences_it_embeds(embedder, instruction):
@@ -173,7 +173,7 @@ def test_bare_paths_without_a_default_model_name_the_per_model_urls():
     assert fallback == "rr"  # task-less paths: the embed default, else the rerank default
 
 
-# ---- TEI's routes over HTTP ------------------------------------------------------------------------------------------
+# ---- TEI's routes over HTTP --------------------------------------------------------------------------------------
 
 def test_embed_matches_the_model_card_and_bills_once(served, new_key, card_embedder):
     key = new_key("tei-embed")
@@ -347,7 +347,7 @@ def test_bad_json_no_key_rate_limits_and_spent_credit_get_teis_errors(served, ne
     assert counted.status_code == 200 and spent.rows() == []
 
 
-# ---- vLLM's helpers -------------------------------------------------------------------------------------------------
+# ---- vLLM's helpers ----------------------------------------------------------------------------------------------
 
 def test_vllm_tokenize_counts_what_embeddings_and_rerank_bill(served, http, embedder):
     for text in DOCUMENTS[:5]:
@@ -433,7 +433,7 @@ def test_vllm_and_shared_paths_get_openai_errors(http, path, body, status, param
     assert set(error) == {"message", "type", "param", "code"} and error["param"] == param, error
 
 
-# ---- the Batch API --------------------------------------------------------------------------------------------------
+# ---- the Batch API -----------------------------------------------------------------------------------------------
 
 def test_batches_of_tei_embed_and_vllm_score_lines(served, new_key, http):
     from openai import OpenAI
@@ -473,7 +473,7 @@ def test_batches_of_tei_embed_and_vllm_score_lines(served, new_key, http):
     assert routes == ["/embed", "/embed", "/score", "/score"]
 
 
-# ---- the client packages ----------------------------------------------------------------------------------------------
+# ---- the client packages -----------------------------------------------------------------------------------------
 
 def test_llamaindex_embedder(served, new_key, card_embedder):
     from llama_index.embeddings.text_embeddings_inference import TextEmbeddingsInference
@@ -569,7 +569,7 @@ def test_huggingface_hub_inference_client(served, new_key, card_embedder):
     assert rows[1].dimensions == 48 and rows[0].route == rows[1].route == "/tei/{model:path}"
 
 
-# ---- README -----------------------------------------------------------------------------------------------------------
+# ---- README ------------------------------------------------------------------------------------------------------
 
 def readme_snippets(section: str) -> list[str]:
     """The python code blocks of a README section (from its heading to the next heading of that level or above)."""

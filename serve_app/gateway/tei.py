@@ -108,7 +108,7 @@ def error_response(error: ServingError) -> JSONResponse:
                         headers=error.headers)
 
 
-# ---- bodies --------------------------------------------------------------------------------------------------------
+# ---- bodies ------------------------------------------------------------------------------------------------------
 
 def is_tei_rerank(raw: Any) -> bool:
     """TEI's rerank body, not Cohere's (both go to /rerank): `texts` instead of `documents`."""
@@ -165,7 +165,7 @@ def truncation(context: RequestContext, truncate: bool | None) -> bool:
     return context.config.tei.auto_truncate if truncate is None else truncate
 
 
-# ---- the inference endpoints (billed; a batch can name them) --------------------------------------------------------
+# ---- the inference endpoints (billed; a batch can name them) -----------------------------------------------------
 
 async def serve_tei_embed(body: protocol.TEIEmbedRequest, context: RequestContext) -> Served:
     """TEI's /embed: a bare array of vectors, in input order."""
@@ -228,7 +228,7 @@ async def serve_any_rerank(body: AnyRerankBody, context: RequestContext) -> Serv
 ANY_RERANK = Endpoint(AnyRerankBody, serve_any_rerank)
 
 
-# ---- tokenize, decode, info (not billed) ------------------------------------------------------------------------------
+# ---- tokenize, decode, info (not billed) -------------------------------------------------------------------------
 
 async def tokenize(body: protocol.TEITokenizeRequest, context: RequestContext) -> list[list[dict[str, Any]]]:
     """TEI's /tokenize: per input, its tokens {id, text, special, start, stop} (a special token's text is its
@@ -281,7 +281,7 @@ async def info(model: str | None, context: RequestContext) -> dict[str, Any]:
     ).model_dump()
 
 
-# ---- routes ----------------------------------------------------------------------------------------------------------
+# ---- routes ------------------------------------------------------------------------------------------------------
 
 def _gateway(request: Request):
     return request.app.state.gateway

@@ -123,7 +123,7 @@ async def detokenize(body: protocol.VLLMDetokenizeRequest, context: RequestConte
     return {"prompt": texts[0]}
 
 
-# ---- routes ----------------------------------------------------------------------------------------------------------
+# ---- routes ------------------------------------------------------------------------------------------------------
 
 @router.post("/tokenize", responses={200: {"model": protocol.VLLMTokenizeResponse}},
              openapi_extra=json_body(protocol.VLLMTokenizeRequest, protocol.TEITokenizeRequest))
