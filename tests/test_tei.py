@@ -150,12 +150,15 @@ def test_bare_paths_without_a_default_model_name_the_per_model_urls():
 
     facts = {"e": {"name": "emb", "task": "embed", "aliases": ["org/Emb"]}, "r": {"name": "rr", "task": "rerank"}}
 
+    async def handle_of(app):
+        return app
+
     async def describe(handle):
         return facts[handle]
 
     async def main():
         directory = ModelDirectory(60, list_apps=lambda: {app: ModelApp(1.0, True) for app in facts},
-                                   get_handle=lambda app: app, describe=describe)
+                                   get_handle=handle_of, describe=describe)
         context = RequestContext(ModelCalls(directory, GatewayConfig()), "req", base_url="http://example:8000/")
         errors = []
         for task in ("embed", "rerank", None):
