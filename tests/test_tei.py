@@ -438,7 +438,7 @@ def test_vllm_and_shared_paths_get_openai_errors(http, path, body, status, param
 
 # ---- the Batch API -----------------------------------------------------------------------------------------------
 
-def test_batches_of_tei_embed_and_vllm_score_lines(served, new_key, http):
+def test_batches_of_tei_embed_rerank_and_vllm_score_lines(served, new_key, http):
     from openai import OpenAI
 
     key = new_key("tei-batches")
@@ -448,6 +448,8 @@ def test_batches_of_tei_embed_and_vllm_score_lines(served, new_key, http):
                    {"inputs": []}],
         "/score": [{"text_1": "q", "text_2": DOCUMENTS[:3]}, {"model": RERANKER, "queries": ["a", "b"],
                                                               "documents": ["c", "d"]}, {"text_1": "q"}],
+        "/rerank": [{"query": "q", "texts": DOCUMENTS[:3]}, {"model": RERANKER, "query": "q",
+                                                             "documents": DOCUMENTS[:3]}, {"query": "q", "texts": []}],
     }
     batches = {}
     for endpoint, bodies in jobs.items():
@@ -470,10 +472,17 @@ def test_batches_of_tei_embed_and_vllm_score_lines(served, new_key, http):
             expected = online[int(line["custom_id"].split("-")[1])].json()
             if endpoint == "/score":
                 body, expected = [d["score"] for d in body["data"]], [d["score"] for d in expected["data"]]
+            elif endpoint == "/rerank" and isinstance(body, dict):  # Cohere's body: its results
+                assert [r["index"] for r in body["results"]] == [r["index"] for r in expected["results"]]
+                body = [r["relevance_score"] for r in body["results"]]
+                expected = [r["relevance_score"] for r in expected["results"]]
+            elif endpoint == "/rerank":  # TEI's: a bare array, best first
+                assert [r["index"] for r in body] == [r["index"] for r in expected]
+                body, expected = [r["score"] for r in body], [r["score"] for r in expected]
             assert close(body, expected, TOLERANCE), endpoint
         assert errors[0]["custom_id"] == "line-2" and errors[0]["response"]["status_code"] == 400
     routes = sorted(row.route for row in key.rows() if row.batch_id)
-    assert routes == ["/embed", "/embed", "/score", "/score"]
+    assert routes == ["/embed", "/embed", "/rerank", "/rerank", "/score", "/score"]
 
 
 # ---- the client packages -----------------------------------------------------------------------------------------
