@@ -133,8 +133,9 @@ class DeploymentOptions(Strict):
     max_ongoing_requests: int = Field(default=32, ge=1)
     # Requests waiting in each caller's queue before Serve answers 503/429; -1 = unbounded.
     max_queued_requests: int = Field(default=256, ge=-1)
-    # What a client gets when that queue is full and Serve refuses the request itself (in front of the gateway,
-    # Serve's proxy answers, not our code): 503 or 429, with Retry-After in seconds so clients back off.
+    # What a client gets when that queue is full and Serve refuses the request itself, not our code (in front of
+    # the gateway: the gateway replica's own HTTP server under the HAProxy ingress, Serve's proxy under the Python
+    # one): 503 or 429, with Retry-After in seconds so clients back off.
     backpressure_status: Literal[503, 429] = 503
     backpressure_retry_after_s: float | None = Field(default=1, ge=0)
     health_check_period_s: float = Field(default=10, gt=0)
@@ -339,6 +340,26 @@ class BatchesConfig(Strict):
         return self
 
 
+class DefaultModels(Strict):
+    """The model (served name or alias) of each task that serves requests naming none. A TEI server hosts one model,
+    so TEI clients send no model name: /tei/<model>/... names it in the URL, and the bare TEI paths (/embed, /rerank
+    with `texts`, /tokenize, /decode, /info) use these, as do vLLM's /tokenize, /detokenize and /score bodies without
+    `model`. /embed and /rerank take their task's model; the task-less paths the embed model, else the rerank one.
+    None: such requests get 400 naming the per-model base URLs. Models are found at run time (as every model the
+    gateway serves), so a name no model has is answered 404 at request time, naming the setting."""
+
+    embed: str | None = Field(default=None, min_length=1)
+    rerank: str | None = Field(default=None, min_length=1)
+
+
+class TEIConfig(Strict):
+    """Text Embeddings Inference's routes (serve_app/gateway/tei.py)."""
+
+    # TEI's --auto-truncate: what `truncate` is when a TEI request leaves it out (TEI's default: false, so an input
+    # longer than the model's max_length is refused with 413 rather than cut).
+    auto_truncate: bool = False
+
+
 class GatewayConfig(Strict):
     """The ingress: the args of the `serve_app.app:gateway_app` application."""
 
@@ -347,6 +368,8 @@ class GatewayConfig(Strict):
     database_url: str = "sqlite:///var/qwen3-serve.db"
     auth: AuthConfig = Field(default_factory=AuthConfig)
     batches: BatchesConfig = Field(default_factory=BatchesConfig)
+    default_models: DefaultModels = Field(default_factory=DefaultModels)
+    tei: TEIConfig = Field(default_factory=TEIConfig)
 
     deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(
         num_cpus=0.5, max_ongoing_requests=256, max_queued_requests=1024))
