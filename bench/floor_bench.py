@@ -11,9 +11,9 @@ settings; the gateway is redeployed between variants, the floor stays):
               and the CPU seconds the serving processes spent per 1,000 requests (from /proc; the client's own
               excluded, so the figure does not depend on the client sharing the cores). Both stacks share one Ray
               instance, so each process is attributed: the floor app's replicas to the floor; our gateway and model
-              replicas (and, with PostgreSQL, its server) to ours; the ingress (Serve's proxy actor, and HAProxy with
-              its manager when RAY_SERVE_ENABLE_HA_PROXY=1) to whichever target's saturation round is running, as only
-              that target gets requests then; the rest of Ray (GCS, raylet, controller ...) is printed apart.
+              replicas (and, with PostgreSQL, its server) to ours; the ingress (haproxy with its manager actor, and
+              Serve's proxy actor) to whichever target's saturation round is running, as only that target gets
+              requests then; the rest of Ray (GCS, raylet, controller ...) is printed apart.
 
 Targets (issue 25), printed with met / missed: p50 minus the model's own forward time (the replica's engine seconds
 per call, from its stats) at most 1 ms above the floor's p50, and requests/s at least 100% of the floor's.
@@ -21,6 +21,7 @@ per call, from its stats) at most 1 ms above the floor's p50, and requests/s at 
     python bench/floor_bench.py                                    # tiny models: the serving path itself
     python bench/floor_bench.py --variants auth-sqlite auth-off auth-postgres
     python bench/floor_bench.py --shape 0.6b --layers 4            # shape-true widths: the effect on real work
+    QWEN3_SERVE_HAPROXY=0 python bench/floor_bench.py              # both on Serve's Python proxy, not HAProxy
 
 The load generator (aiohttp) runs in this process, on the same cores as the servers.
 """

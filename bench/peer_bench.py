@@ -23,9 +23,10 @@ same vectors. Targets (issue 25): ours p50 at most Infinity's, requests/s at lea
     python bench/peer_bench.py --no-haproxy                      # ours on Serve's Python proxy
     python bench/peer_bench.py --phases latency rate --latency-samples 50 --rate-requests 300  # a quick look
 
-Ours starts as the other benchmarks start it (serve_bench.start_serve); `--haproxy` / `--no-haproxy` set
-RAY_SERVE_ENABLE_HA_PROXY for that Ray instance, and without either the environment decides. Infinity runs from its
-own virtualenv (`--infinity-venv`, default /work/peers/infinity), never from the project's; install it once with
+Ours starts as the other benchmarks start it (serve_bench.start_serve): behind HAProxy, the project's default, unless
+QWEN3_SERVE_HAPROXY=0 is in the environment; `--haproxy` / `--no-haproxy` set that switch (which sets
+RAY_SERVE_ENABLE_HA_PROXY for our Ray instance) for this run. Infinity runs from its own virtualenv
+(`--infinity-venv`, default /work/peers/infinity), never from the project's; install it once with
 
     python3 -m venv /work/peers/infinity && /work/peers/infinity/bin/pip install torch==2.13.0 'infinity-emb[server,torch]==0.0.78'
 
@@ -63,6 +64,7 @@ from bench.engine_bench import make_texts  # noqa: E402
 from bench.serve_bench import ONE_DOCUMENT, local_serve, model_application, percentile, stack_config  # noqa
 from models.base import DEFAULT_MAX_LENGTH  # noqa: E402
 from models.checkpoints import build_checkpoint, checkpoint_name  # noqa: E402
+from serve_app.cluster import haproxy  # noqa: E402
 
 WORKLOADS = {"tiny": ("latency", "rate"), "wide": ("texts",)}  # checkpoint -> the phases measured on it
 PHASES = ("latency", "rate", "texts")
@@ -93,8 +95,8 @@ class Server:
 def our_servers(database_url: str, secret: str | None, database_marker: str | None,
                 max_threads: int) -> Iterator[Callable[[Path, int], Server]]:
     """Our gateway in a Ray instance of this run's own (local_serve: the start the other benchmarks use; the ingress
-    follows the environment, RAY_SERVE_ENABLE_HA_PROXY), and the checkpoint's model application deployed beside it,
-    in place of the one before (one Ray start per run)."""
+    follows the environment, QWEN3_SERVE_HAPROXY), and the checkpoint's model application deployed beside it, in
+    place of the one before (one Ray start per run)."""
     from tests.serving import free_port
 
     port = free_port()
@@ -341,7 +343,7 @@ def main() -> None:
     parser.add_argument("--auth", action="store_true", help="auth on with a real key (Infinity: the same key)")
     parser.add_argument("--database", default="sqlite", choices=["sqlite", "postgres"], help="our keys and ledger")
     parser.add_argument("--haproxy", action=argparse.BooleanOptionalAction, default=None,
-                        help="set RAY_SERVE_ENABLE_HA_PROXY=1 / 0 for our Ray instance (default: the environment's)")
+                        help="our ingress: QWEN3_SERVE_HAPROXY=1 / 0 for this run (default: the environment's; on)")
     parser.add_argument("--infinity-venv", default="/work/peers/infinity")
     parser.add_argument("--latency-samples", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=32)
@@ -355,8 +357,8 @@ def main() -> None:
                         help="torch threads of each server, 0.6B widths (default: every core)")
     parser.add_argument("--checkpoints", default=str(REPO / "checkpoints"))
     args = parser.parse_args()
-    if args.haproxy is not None:  # before Ray starts: its processes inherit this environment
-        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if args.haproxy else "0"
+    if args.haproxy is not None:  # read when our Ray instance starts
+        os.environ[haproxy.SWITCH] = "1" if args.haproxy else "0"
     signal.signal(signal.SIGTERM, interrupted)
 
     folder = Path(args.checkpoints).resolve()
@@ -364,7 +366,7 @@ def main() -> None:
     shapes = {"tiny": ("tiny", None), "wide": ("0.6b", args.layers)}
     threads = {"tiny": args.tiny_threads, "wide": args.wide_threads}
     print(f"phases {' '.join(args.phases)}; auth {'on' if args.auth else 'off'}, {args.database} ledger; "
-          f"RAY_SERVE_ENABLE_HA_PROXY={os.environ.get('RAY_SERVE_ENABLE_HA_PROXY', '(unset)')}; torch threads "
+          f"ours behind {'HAProxy' if haproxy.enabled() else 'the Python proxy'}; torch threads "
           f"{args.tiny_threads} (tiny) / {args.wide_threads} (0.6b); {args.latency_samples} sequential, "
           f"{args.concurrency} clients x {args.rate_requests} requests, {args.texts_clients} clients x "
           f"{args.texts_requests} requests of {args.texts_per_request} texts", flush=True)

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import gc
 import os
-import signal
 import statistics
 import sys
 import time
@@ -113,36 +112,25 @@ def serve_config(rerank_path: Path, embed_path: Path, port: int, cpus: int, max_
 
 
 def start_serve(port: int, num_cpus: int):
-    """A Ray instance of the benchmark's own with Serve on `port`, started as the tests start theirs (tests/serving.py):
-    this process's environment (RAY_SERVE_ENABLE_HA_PROXY ...) passes to Ray's processes. RAY_ADDRESS=local: never
-    join a cluster someone else started on this machine with `ray start` (ray.init would, and its processes are not
-    ours to measure)."""
+    """A Ray instance of the benchmark's own (never one another process started) with Serve on `port`, started as the
+    tests start theirs (tests/serving.py): behind HAProxy unless the project's switch in this process's environment
+    says otherwise (QWEN3_SERVE_HAPROXY=0: Serve's Python proxy)."""
+    from serve_app.cluster import haproxy
     from tests.serving import ServeInstance
 
-    os.environ["RAY_ADDRESS"] = "local"
-    return ServeInstance.start_on(port, num_cpus=num_cpus, num_gpus=0)
+    return ServeInstance.start_on(port, num_cpus=num_cpus, num_gpus=0, haproxy_on=haproxy.enabled())
 
 
 @contextlib.contextmanager
 def local_serve(port: int, num_cpus: int):
-    """start_serve(), stopped on the way out; an HAProxy of this instance that outlives it (issue 25 saw a reloaded
-    one left listening) is ended by its pid, and only such a one."""
-    from bench import process_cpu
-
+    """start_serve(), stopped on the way out."""
     instance = start_serve(port, num_cpus)
-    haproxies: list[process_cpu.Process] = []
     try:
         yield instance
     finally:
-        try:
-            haproxies = [p for p in process_cpu.descendants(os.getpid(), process_cpu.snapshot()) if p.name == "haproxy"]
-        finally:
-            instance.stop()
-            time.sleep(1)
-            for process in haproxies:
-                if process.key in process_cpu.snapshot():  # the same pid and start time: still that process
-                    print(f"haproxy pid {process.pid} outlived its Ray instance: ending it", flush=True)
-                    os.kill(process.pid, signal.SIGKILL)
+        instance.stop()  # also ends, by its pid file, any haproxy of this instance that Ray left running
+        for pid in instance.leftovers:
+            print(f"haproxy pid {pid} outlived its Ray instance (ended)", flush=True)
 
 
 def body(kind: str, docs: list[str]) -> dict:
