@@ -46,7 +46,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench import process_cpu  # noqa: E402
-from bench.serve_bench import ONE_DOCUMENT, body, local_serve, percentile, serve_config, serving_checkpoints  # noqa
+from bench.serve_bench import (ONE_DOCUMENT, body, local_serve, percentile, serve_config,  # noqa: E402
+                               serving_checkpoints, stop_on_sigterm)
 
 ROUTES = {"rerank": "/v1/rerank", "embed": "/v1/embeddings"}
 VARIANTS = {  # gateway args per variant; "database" is filled in by the run
@@ -236,6 +237,7 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=None, help="batching.max_wait_ms (default: config's)")
     parser.add_argument("--checkpoints", default=str(REPO / "checkpoints"))
     args = parser.parse_args()
+    stop_on_sigterm()
 
     layers = None if args.shape == "tiny" else args.layers
     paths = serving_checkpoints(Path(args.checkpoints), args.shape, layers)

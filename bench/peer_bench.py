@@ -61,7 +61,8 @@ sys.path.insert(0, str(REPO))
 
 from bench import process_cpu  # noqa: E402
 from bench.engine_bench import make_texts  # noqa: E402
-from bench.serve_bench import ONE_DOCUMENT, local_serve, model_application, percentile, stack_config  # noqa
+from bench.serve_bench import (ONE_DOCUMENT, local_serve, model_application, percentile, stack_config,  # noqa: E402
+                               stop_on_sigterm)
 from models.base import DEFAULT_MAX_LENGTH  # noqa: E402
 from models.checkpoints import build_checkpoint, checkpoint_name  # noqa: E402
 from serve_app.cluster import haproxy  # noqa: E402
@@ -342,11 +343,6 @@ def report(ours: dict, theirs: dict, args) -> None:
                 f"{role} {seconds:.2f}" for role, seconds in sorted(ours[f"{phase}_cpu"].items())))
 
 
-def interrupted(signum, frame):
-    """SIGTERM ends the run through the same cleanup as Ctrl-C: the finally blocks stop both servers."""
-    raise KeyboardInterrupt
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
@@ -369,7 +365,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.haproxy is not None:  # read when our Ray instance starts
         os.environ[haproxy.SWITCH] = "1" if args.haproxy else "0"
-    signal.signal(signal.SIGTERM, interrupted)
+    stop_on_sigterm()
 
     folder = Path(args.checkpoints).resolve()
     workloads = {kind: [phase for phase in phases if phase in args.phases] for kind, phases in WORKLOADS.items()}

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import signal
 import statistics
 import sys
 import time
@@ -121,14 +122,26 @@ def start_serve(port: int, num_cpus: int):
     return ServeInstance.start_on(port, num_cpus=num_cpus, num_gpus=0, haproxy_on=haproxy.enabled())
 
 
+def stop_on_sigterm() -> None:
+    """A SIGTERM ends the benchmark as Ctrl-C does, through its cleanup (servers stopped). Needed again after Ray
+    starts and after it stops in this process: ray.init and ray.shutdown each leave a handler in place that ends the
+    process on the spot, past every `finally` (seen: an Infinity server left running after peer_bench got SIGTERM)."""
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+
+
 @contextlib.contextmanager
 def local_serve(port: int, num_cpus: int):
-    """start_serve(), stopped on the way out."""
+    """start_serve(), stopped on the way out, also on SIGTERM."""
     instance = start_serve(port, num_cpus)
+    stop_on_sigterm()
     try:
         yield instance
     finally:
         instance.stop()  # also ends, by its pid file, any haproxy of this instance that Ray left running
+        stop_on_sigterm()
         for pid in instance.leftovers:
             print(f"haproxy pid {pid} outlived its Ray instance (ended)", flush=True)
 
