@@ -33,6 +33,7 @@ from serve_app.errors import (InvalidRequest, ModelNotFound, ModelUnavailable, O
                               RequestTimeout, ServingError)
 from serve_app.gateway import protocol
 from serve_app.gateway.directory import ModelDirectory, ModelEntry
+from serve_app.gateway.hop_sharing import HopSharer, shareable
 from serve_app.replica.quantization import base64_float32
 
 if TYPE_CHECKING:
@@ -75,7 +76,9 @@ class ModelCalls:
     `call_options` go with every handle call (the runner sends `background=True`, so model replicas run its work
     only when no online request waits); `admit(model)` is an async context manager around each call (the runner
     bounds its calls in flight per model with it); `credit` refuses prepaid keys whose credit is spent and learns
-    the price of each model a request resolves to (what its debit is computed with)."""
+    the price of each model a request resolves to (what its debit is computed with). With `hop_sharing` on,
+    concurrent calls to one model share handle calls (serve_app/gateway/hop_sharing.py); each is still retried,
+    timed out, cancelled and classified here as its own."""
 
     def __init__(self, directory: ModelDirectory, config: GatewayConfig, *, call_options: dict[str, Any] | None = None,
                  admit: Callable[[str], Any] | None = None, credit: CreditGuard | None = None):
@@ -84,6 +87,7 @@ class ModelCalls:
         self.call_options = call_options or {}
         self.admit = admit
         self.credit = credit
+        self.sharer = HopSharer(config.hop_sharing) if config.hop_sharing.enabled else None
 
     async def call(self, entry: ModelEntry, method: str, *args) -> dict[str, Any]:
         if self.admit is None:
@@ -97,7 +101,7 @@ class ModelCalls:
         model_call_attempts and by the request's deadline (request_timeout_s: 504 past it)."""
         deadline = time.monotonic() + self.config.request_timeout_s
         for attempt in range(1, self.config.model_call_attempts + 1):
-            response = entry.method(method).remote(*args, **self.call_options)
+            response = self._send(entry, method, args)
             try:
                 return await self._await_while_served(entry, response, deadline)
             except (RequestCancelledError, ServingError):
@@ -114,6 +118,14 @@ class ModelCalls:
                 raise error from None
             raise error
 
+    def _send(self, entry: ModelEntry, method: str, args: tuple):
+        """The model call, made now or shared with others (a DeploymentResponse or a SharedCall: both are awaited for
+        the answer and cancelled alike). Models whose replicas cannot answer a group (`serves_groups` missing from
+        their description) and large requests always get a call of their own."""
+        if self.sharer is not None and entry.facts.get("serves_groups") and shareable(args):
+            return self.sharer.send(entry, method, args, self.call_options)
+        return entry.method(method).remote(*args, **self.call_options)
+
     async def _await_while_served(self, entry: ModelEntry, response, deadline: float) -> dict[str, Any]:
         """The model's answer, unless its application is removed first or the deadline passes (504; the model
         call is cancelled, which frees its place in the batch queue). A handle to a deleted application waits for
@@ -124,8 +136,15 @@ class ModelCalls:
 
         pending = asyncio.ensure_future(answer())
         while True:
-            done, _ = await asyncio.wait({pending}, timeout=max(0.0, min(REMOVAL_CHECK_S,
-                                                                         deadline - time.monotonic())))
+            try:
+                done, _ = await asyncio.wait({pending}, timeout=max(0.0, min(REMOVAL_CHECK_S,
+                                                                             deadline - time.monotonic())))
+            except asyncio.CancelledError:
+                # The request itself was cancelled (its client disconnected). Serve cancels a single call with its
+                # request on its own; a call shared with other requests must be told that this one left.
+                response.cancel()
+                pending.cancel()
+                raise
             if done:
                 return pending.result()
             if time.monotonic() >= deadline:
