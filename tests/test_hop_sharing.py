@@ -347,6 +347,19 @@ def test_a_full_replica_sends_the_rest_of_a_group_back(servers):
         asyncio.run(server.serve_group("describe", []))
 
 
+def test_only_models_with_a_fixed_replica_count_take_groups(tiny_reranker_path):
+    """Serve autoscales on ongoing handle calls: a group would count once, so an autoscaled model gets none."""
+    from serve_app.replica.deployment import ModelServer
+
+    def facts(deployment: dict) -> dict:
+        server = ModelServer.func_or_class({"name": "r", "task": "rerank", "source": str(tiny_reranker_path),
+                                            "device": "cpu", "deployment": deployment})
+        return asyncio.run(server.describe())
+
+    assert facts({"num_replicas": 2})["serves_groups"] is True
+    assert facts({"autoscaling": {"min_replicas": 1, "max_replicas": 4}})["serves_groups"] is False
+
+
 # ---- the real served app ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -135,10 +135,13 @@ class ModelServer:
     async def describe(self) -> dict[str, Any]:
         # The price as decimal text: only text and numbers cross the hop, and the gateway debits by it exactly.
         price = self.config.price.model_dump(mode="json", exclude_none=True) if self.config.price else None
-        # `serves_groups`: this replica has serve_group, so the gateway may share the hop (a gateway newer than its
-        # models' replicas sends them nothing they cannot answer).
+        # `serves_groups`: the gateway may send this model several requests in one call (serve_group); a gateway
+        # newer than the model's replicas finds no such fact and sends them nothing they cannot answer. Not for an
+        # autoscaled model: Serve scales on ongoing handle calls (target_ongoing_requests), where a group of 30
+        # requests would count as one, so the model would not scale up under load.
         return {**self.facts, "name": self.config.name, "aliases": list(self.config.aliases),
-                "token_budget": self.engine.token_budget, "price": price, "serves_groups": True}
+                "token_budget": self.engine.token_budget, "price": price,
+                "serves_groups": self.config.deployment.autoscaling is None}
 
     async def rerank(self, query: str, documents: list[str], instruction: str | None = None,
                      max_tokens_per_doc: int | None = None, truncate: bool = True,
