@@ -5,6 +5,8 @@ gateway is redeployed with `hop_sharing.enabled` true and false in turn (`--pair
 and each time, for one-document rerank and one-input embedding requests:
 
   sequential   one client, `--latency-samples` requests: p50 (a lone request takes the same path either way)
+  light        `--light-clients` closed-loop clients (default 4), `--requests` / 4 requests: requests/s and p50,
+               where a request that meets a call in flight waits for it rather than going in parallel
   saturation   `--concurrency` closed-loop clients, `--requests` requests: requests/s and the p50 under that load
   cpu          CPU seconds (user + system, from /proc) the gateway replica, the model replica and Serve's proxy spent
                per 1,000 requests of the saturation phase: what the serving path costs, whatever the client costs
@@ -92,6 +94,22 @@ async def post(session, path: str, payload: dict, headers: dict) -> float:
     return time.perf_counter() - start
 
 
+async def closed_loop(session, path: str, payload: dict, headers: dict, clients: int,
+                      total: int) -> tuple[list[float], float]:
+    """`clients` clients sending `total` requests back to back: each request's latency, and the seconds taken."""
+    remaining, latencies = total, []
+
+    async def client():
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            latencies.append(await post(session, path, payload, headers))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return latencies, time.perf_counter() - start
+
+
 async def measure(url: str, headers: dict, instance, args) -> dict:
     results = {}
     async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=args.concurrency)) as session:
@@ -102,26 +120,20 @@ async def measure(url: str, headers: dict, instance, args) -> dict:
                 await post(session, path, payload, headers)
             await asyncio.gather(*(post(session, path, payload, headers) for _ in range(args.concurrency * 2)))
             sequential = [await post(session, path, payload, headers) for _ in range(args.latency_samples)]
+            light, light_seconds = await closed_loop(session, path, payload, headers, args.light_clients,
+                                                     args.requests // 4)
 
             pids = serve_pids(kind)
             stats_before = await model.stats.remote()
             cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-            remaining, latencies = args.requests, []
-
-            async def client():
-                nonlocal remaining
-                while remaining > 0:
-                    remaining -= 1
-                    latencies.append(await post(session, path, payload, headers))
-
-            start = time.perf_counter()
-            await asyncio.gather(*(client() for _ in range(args.concurrency)))
-            elapsed = time.perf_counter() - start
+            latencies, elapsed = await closed_loop(session, path, payload, headers, args.concurrency, args.requests)
             cpu = {name: (cpu_seconds(pid) - cpu_before[name]) * 1000 / args.requests for name, pid in pids.items()}
             stats = await model.stats.remote()
             groups = stats["groups"] - stats_before["groups"]
             grouped = stats["grouped_requests"] - stats_before["grouped_requests"]
-            results[kind] = {"sequential_p50": statistics.median(sequential) * 1e3, "rate": args.requests / elapsed,
+            results[kind] = {"sequential_p50": statistics.median(sequential) * 1e3,
+                             "light_rate": len(light) / light_seconds, "light_p50": statistics.median(light) * 1e3,
+                             "rate": args.requests / elapsed,
                              "loaded_p50": statistics.median(latencies) * 1e3, "cpu": cpu,
                              "grouped_share": grouped / args.requests, "group_size": grouped / groups if groups else 0}
     return results
@@ -133,6 +145,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1200, help="requests per saturation phase")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--latency-samples", type=int, default=100, help="sequential requests per run")
+    parser.add_argument("--light-clients", type=int, default=4)
     parser.add_argument("--max-wait-ms", type=float, default=None, help="hop_sharing.max_wait_ms (default: config's)")
     parser.add_argument("--checkpoints", default=str(REPO / "checkpoints"))
     args = parser.parse_args()
@@ -166,6 +179,7 @@ def main() -> None:
             for kind, r in results.items():
                 cpu = r["cpu"]
                 row = (f"run {run + 1} {'on ' if enabled else 'off'} {kind:<6} seq p50 {r['sequential_p50']:6.2f} ms | "
+                       f"{args.light_clients} clients {r['light_rate']:6.1f} req/s p50 {r['light_p50']:6.2f} ms | "
                        f"{args.concurrency} clients {r['rate']:6.1f} req/s p50 {r['loaded_p50']:6.2f} ms | CPU s per 1k: "
                        + " ".join(f"{name} {seconds:5.2f}" for name, seconds in cpu.items())
                        + f" sum {sum(cpu.values()):5.2f} | grouped {r['grouped_share']:4.0%} mean group "
@@ -181,8 +195,12 @@ def main() -> None:
             values = [r[key] if sub is None else sum(r[key].values()) for e, k, r in rows if e == enabled and k == kind]
             return statistics.median(values)
 
-        for label, key, sub in (("sequential p50 ms", "sequential_p50", None), ("req/s", "rate", None),
-                                ("loaded p50 ms", "loaded_p50", None), ("CPU s per 1k (sum)", "cpu", "sum")):
+        for label, key, sub in (("sequential p50 ms", "sequential_p50", None),
+                                (f"{args.light_clients} clients req/s", "light_rate", None),
+                                (f"{args.light_clients} clients p50 ms", "light_p50", None),
+                                (f"{args.concurrency} clients req/s", "rate", None),
+                                (f"{args.concurrency} clients p50 ms", "loaded_p50", None),
+                                ("CPU s per 1k (sum)", "cpu", "sum")):
             on, off = median(key, True, sub), median(key, False, sub)
             print(f"  {kind:<6} {label:<20} {on:8.2f} / {off:8.2f}  ({on / off - 1:+.1%})")
 
