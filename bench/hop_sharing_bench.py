@@ -1,15 +1,17 @@
 """Hop sharing on vs off (serve_app/gateway/hop_sharing.py), side by side in one Serve instance, alternating.
 
-Our stack (auth on a real key, SQLite ledger, tiny models, one gateway replica) in one local Serve instance; the
-gateway is redeployed with `hop_sharing.enabled` true and false in turn (`--pairs` times each, the order alternating),
-and each time, for one-document rerank and one-input embedding requests:
+Our stack (auth on a real key, SQLite ledger, tiny models, one gateway replica; the HAProxy ingress unless
+`--python-proxy`) in one local Serve instance; the gateway is redeployed with `hop_sharing.enabled` true and false in
+turn (`--pairs` times each, the order alternating), and each time, for one-document rerank and one-input embedding
+requests:
 
   sequential   one client, `--latency-samples` requests: p50 (a lone request takes the same path either way)
   light        `--light-clients` closed-loop clients (default 4), `--requests` / 4 requests: requests/s and p50,
                where a request that meets a call in flight waits for it rather than going in parallel
   saturation   `--concurrency` closed-loop clients, `--requests` requests: requests/s and the p50 under that load
-  cpu          CPU seconds (user + system, from /proc) the gateway replica, the model replica and Serve's proxy spent
-               per 1,000 requests of the saturation phase: what the serving path costs, whatever the client costs
+  cpu          CPU seconds (user + system, from /proc) the ingress (haproxy or Serve's proxy), the gateway replica and
+               the model replica spent per 1,000 requests of the saturation phase: what the serving path costs,
+               whatever the client costs
   groups       from the model replica's stats: the share of the saturation requests that came in a group, and the
                mean group size
 
@@ -44,14 +46,21 @@ MODEL_APPS = {"rerank": "bench-reranker", "embed": "bench-embedder"}
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (/proc/<pid>/stat fields 14 and 15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the processes have spent so far (/proc/<pid>/stat fields 14 and 15, all threads)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / TICKS
 
 
-def serve_pids(kind: str) -> dict[str, int]:
+def serve_pids(kind: str, instance) -> dict[str, list[int]]:
+    """The processes on a request's path: the ingress (haproxy, or Serve's Python proxy actor), the gateway replica
+    and the model replica."""
     from ray.serve.context import _get_global_client
+
+    from serve_app.cluster import haproxy
 
     details = _get_global_client().get_serve_details()
 
@@ -59,12 +68,12 @@ def serve_pids(kind: str) -> dict[str, int]:
         replicas = details["applications"][app]["deployments"][deployment]["replicas"]
         return next(replica["pid"] for replica in replicas if replica["state"] == "RUNNING")
 
-    pids = {"gateway": replica_pid("gateway", GATEWAY_DEPLOYMENT_NAME),
-            "model": replica_pid(MODEL_APPS[kind], MODEL_DEPLOYMENT_NAME)}
-    proxy = proxy_pid()
-    if proxy is not None:
-        pids["proxy"] = proxy
-    return pids
+    if instance.on_haproxy:
+        ingress = sorted(haproxy.recorded_haproxies(instance.ingress[haproxy.RUN_DIR]))
+    else:
+        ingress = [pid for pid in [proxy_pid()] if pid is not None]
+    return {"ingress": ingress, "gateway": [replica_pid("gateway", GATEWAY_DEPLOYMENT_NAME)],
+            "model": [replica_pid(MODEL_APPS[kind], MODEL_DEPLOYMENT_NAME)]}
 
 
 def proxy_pid() -> int | None:
@@ -123,7 +132,7 @@ async def measure(url: str, headers: dict, instance, args) -> dict:
             light, light_seconds = await closed_loop(session, path, payload, headers, args.light_clients,
                                                      args.requests // 4)
 
-            pids = serve_pids(kind)
+            pids = serve_pids(kind, instance)
             stats_before = await model.stats.remote()
             cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             latencies, elapsed = await closed_loop(session, path, payload, headers, args.concurrency, args.requests)
@@ -147,6 +156,7 @@ def main() -> None:
     parser.add_argument("--latency-samples", type=int, default=100, help="sequential requests per run")
     parser.add_argument("--light-clients", type=int, default=4)
     parser.add_argument("--max-wait-ms", type=float, default=None, help="hop_sharing.max_wait_ms (default: config's)")
+    parser.add_argument("--python-proxy", action="store_true", help="Serve's Python proxy instead of HAProxy")
     parser.add_argument("--checkpoints", default=str(REPO / "checkpoints"))
     args = parser.parse_args()
     paths = serving_checkpoints(Path(args.checkpoints), "tiny", None)
@@ -160,10 +170,11 @@ def main() -> None:
     headers = {"Authorization": f"Bearer {KeyStore(connect(database)).create('hop-sharing-bench')[1]}"}
     port = free_port()
     base = serve_config(paths["rerank"], paths["embed"], port, 1, None, auth=True, database_url=database)
-    print(f"tiny models, auth on, SQLite ledger, 1 gateway replica; {args.pairs} runs of each setting, alternating; "
+    print(f"tiny models, auth on, SQLite ledger, 1 gateway replica, {'Python proxy' if args.python_proxy else 'HAProxy'}"
+          f" ingress; {args.pairs} runs of each setting, alternating; "
           f"sequential {args.latency_samples}, saturation {args.concurrency} clients x {args.requests} requests; "
           f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
-    instance = ServeInstance.start_on(port, num_cpus=8, num_gpus=0)
+    instance = ServeInstance.start_on(port, num_cpus=8, num_gpus=0, haproxy_on=not args.python_proxy)
     instance.headers = headers
     rows = []
     try:
