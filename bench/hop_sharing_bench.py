@@ -1,9 +1,9 @@
 """Hop sharing on vs off (serve_app/gateway/hop_sharing.py), side by side in one Serve instance, alternating.
 
 Our stack (auth on a real key, SQLite ledger, tiny models, one gateway replica; the HAProxy ingress unless
-`--python-proxy`) in one local Serve instance; the gateway is redeployed with `hop_sharing.enabled` true and false in
-turn (`--pairs` times each, the order alternating), and each time, for one-document rerank and one-input embedding
-requests:
+`--python-proxy`) in one local Serve instance; the gateway is redeployed with each of `--variants` (hop_sharing off,
+on, on with 2 calls in flight) in turn, `--rounds` times, the order rotating, and each time, for one-document rerank
+and one-input embedding requests:
 
   sequential   one client, `--latency-samples` requests: p50 (a lone request takes the same path either way)
   light        `--light-clients` closed-loop clients (default 4), `--requests` / 4 requests: requests/s and p50,
@@ -16,7 +16,7 @@ requests:
                mean group size
 
     python bench/hop_sharing_bench.py
-    python bench/hop_sharing_bench.py --pairs 4 --requests 1500
+    python bench/hop_sharing_bench.py --variants on on-2 off --rounds 3
 
 The load generator (aiohttp) runs in this process, on the same cores as the servers.
 """
@@ -42,6 +42,11 @@ from bench.serve_bench import ONE_DOCUMENT, body, serve_config, serving_checkpoi
 from serve_app.config import GATEWAY_DEPLOYMENT_NAME, MODEL_DEPLOYMENT_NAME  # noqa: E402
 
 ROUTES = {"rerank": "/v1/rerank", "embed": "/v1/embeddings"}
+VARIANTS = {  # the gateway's hop_sharing per variant
+    "off": {"enabled": False},
+    "on": {"enabled": True, "max_calls_in_flight": 1},
+    "on-2": {"enabled": True, "max_calls_in_flight": 2},
+}
 MODEL_APPS = {"rerank": "bench-reranker", "embed": "bench-embedder"}
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -150,7 +155,9 @@ async def measure(url: str, headers: dict, instance, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=3, help="on/off runs of each setting, alternating")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each variant; each round runs every variant, "
+                        "the order rotating from round to round")
+    parser.add_argument("--variants", nargs="+", default=["on", "off"], choices=sorted(VARIANTS))
     parser.add_argument("--requests", type=int, default=1200, help="requests per saturation phase")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--latency-samples", type=int, default=100, help="sequential requests per run")
@@ -171,17 +178,18 @@ def main() -> None:
     port = free_port()
     base = serve_config(paths["rerank"], paths["embed"], port, 1, None, auth=True, database_url=database)
     print(f"tiny models, auth on, SQLite ledger, 1 gateway replica, {'Python proxy' if args.python_proxy else 'HAProxy'}"
-          f" ingress; {args.pairs} runs of each setting, alternating; "
+          f" ingress; variants {' '.join(args.variants)}, {args.rounds} rounds, the order rotating; "
           f"sequential {args.latency_samples}, saturation {args.concurrency} clients x {args.requests} requests; "
           f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
     instance = ServeInstance.start_on(port, num_cpus=8, num_gpus=0, haproxy_on=not args.python_proxy)
     instance.headers = headers
     rows = []
     try:
-        for run in range(2 * args.pairs):
-            enabled = (run % 2 == 0) == (run // 2 % 2 == 0)  # on off off on on off ...: each setting first in turn
+        order = [args.variants[(r + i) % len(args.variants)] for r in range(args.rounds)
+                 for i in range(len(args.variants))]  # on off | off on | on off ... for two
+        for run, variant in enumerate(order):
             config = copy.deepcopy(base)
-            sharing = {"enabled": enabled}
+            sharing = dict(VARIANTS[variant])
             if args.max_wait_ms is not None:
                 sharing["max_wait_ms"] = args.max_wait_ms
             application(config, "gateway")["args"]["hop_sharing"] = sharing
@@ -189,21 +197,22 @@ def main() -> None:
             results = asyncio.run(measure(instance.url, headers, instance, args))
             for kind, r in results.items():
                 cpu = r["cpu"]
-                row = (f"run {run + 1} {'on ' if enabled else 'off'} {kind:<6} seq p50 {r['sequential_p50']:6.2f} ms | "
+                row = (f"run {run + 1} {variant:<4} {kind:<6} seq p50 {r['sequential_p50']:6.2f} ms | "
                        f"{args.light_clients} clients {r['light_rate']:6.1f} req/s p50 {r['light_p50']:6.2f} ms | "
                        f"{args.concurrency} clients {r['rate']:6.1f} req/s p50 {r['loaded_p50']:6.2f} ms | CPU s per 1k: "
                        + " ".join(f"{name} {seconds:5.2f}" for name, seconds in cpu.items())
                        + f" sum {sum(cpu.values()):5.2f} | grouped {r['grouped_share']:4.0%} mean group "
                          f"{r['group_size']:4.1f} | load {os.getloadavg()[0]:.1f}")
                 print(row, flush=True)
-                rows.append((enabled, kind, r))
+                rows.append((variant, kind, r))
     finally:
         instance.stop()
 
-    print("\nmedians over the runs (on / off):")
+    first, *others = args.variants
+    print(f"\nmedians over the runs ({' / '.join(args.variants)}; change against {first}):")
     for kind in ROUTES:
-        def median(key, enabled, sub=None):
-            values = [r[key] if sub is None else sum(r[key].values()) for e, k, r in rows if e == enabled and k == kind]
+        def median(key, variant, sub=None):
+            values = [r[key] if sub is None else sum(r[key].values()) for v, k, r in rows if v == variant and k == kind]
             return statistics.median(values)
 
         for label, key, sub in (("sequential p50 ms", "sequential_p50", None),
@@ -212,8 +221,9 @@ def main() -> None:
                                 (f"{args.concurrency} clients req/s", "rate", None),
                                 (f"{args.concurrency} clients p50 ms", "loaded_p50", None),
                                 ("CPU s per 1k (sum)", "cpu", "sum")):
-            on, off = median(key, True, sub), median(key, False, sub)
-            print(f"  {kind:<6} {label:<20} {on:8.2f} / {off:8.2f}  ({on / off - 1:+.1%})")
+            values = [median(key, variant, sub) for variant in args.variants]
+            changes = "  ".join(f"{variant} {value / values[0] - 1:+.1%}" for variant, value in zip(others, values[1:]))
+            print(f"  {kind:<6} {label:<20} " + " / ".join(f"{value:8.2f}" for value in values) + f"  ({changes})")
 
 
 if __name__ == "__main__":

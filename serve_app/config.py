@@ -349,6 +349,10 @@ class HopSharingConfig(Strict):
 
     enabled: bool = True
     max_items: int = Field(default=32, ge=2, le=256)
+    # Calls to one model a gateway replica lets run at once before requests wait to share the next. 1 shares the
+    # most (a call carries whatever arrived during the one before); more lets requests at light load go in parallel,
+    # each at once, as without sharing.
+    max_calls_in_flight: int = Field(default=1, ge=1, le=64)
     # The longest a request waits in the gateway for the call in flight to return; past it the requests gathered
     # so far go anyway, so a slow call (a large request) never holds small ones back for long.
     max_wait_ms: float = Field(default=10.0, ge=0, le=1000)

@@ -233,12 +233,29 @@ def test_the_wait_is_bounded_and_large_requests_never_wait():
     asyncio.run(scenario())
 
 
+def test_with_more_calls_allowed_in_flight_requests_wait_only_past_them():
+    async def scenario():
+        calls, handle, entry = model_calls(max_calls_in_flight=2)
+        first, second = rerank(calls, entry, "q0"), rerank(calls, entry, "q1")
+        a, b = rerank(calls, entry, "a"), rerank(calls, entry, "b")
+        await settle()
+        assert [r.method for r in handle.sent] == ["rerank", "rerank"]  # two at once; the others wait for one
+        handle.sent[1].answer({"scores": [1.0]})
+        await settle()
+        assert (handle.sent[2].method, handle.sent[2].args) == ("serve_group", ("rerank", [["a", ["d"]], ["b", ["d"]]]))
+        handle.sent[0].answer({"scores": [0.0]})
+        handle.sent[2].answer([{"scores": [2.0]}, {"scores": [3.0]}])
+        assert [await t for t in (first, second, a, b)] == [{"scores": [s]} for s in (0.0, 1.0, 2.0, 3.0)]
+
+    asyncio.run(scenario())
+
+
 def test_background_calls_never_share_a_call_with_online_ones():
     async def scenario():
         calls, handle, entry = model_calls(call_options={"background": True})
         sharer = calls.sharer
-        online = sharer.send(entry, "rerank", ("q", ["d"]), {})
-        background = sharer.send(entry, "rerank", ("q", ["d"]), {"background": True})
+        online = asyncio.ensure_future(sharer.send(entry, "rerank", ("q", ["d"]), {}))
+        background = asyncio.ensure_future(sharer.send(entry, "rerank", ("q", ["d"]), {"background": True}))
         await settle()
         assert [r.kwargs for r in handle.sent] == [{}, {"background": True}]  # two lanes: both went at once
         # The runner's own calls carry its options, in groups too.
@@ -270,7 +287,7 @@ def test_off_or_with_models_that_cannot_answer_groups_every_request_has_its_own_
     asyncio.run(scenario())
 
 
-def test_a_sharer_forgets_idle_lanes():
+def test_a_lone_call_ends_once_however_it_ends_and_idle_lanes_are_forgotten():
     async def scenario():
         calls, handle, entry = model_calls()
         task = rerank(calls, entry, "q")
@@ -279,6 +296,16 @@ def test_a_sharer_forgets_idle_lanes():
         await task
         await settle()
         assert calls.sharer._lanes == {}
+        cancelled = rerank(calls, entry, "gone")  # its client disconnects while its own call is in flight
+        await settle()
+        cancelled.cancel()
+        await settle()
+        assert handle.sent[1].cancelled and calls.sharer._lanes == {}
+        after = rerank(calls, entry, "next")  # nothing in flight any more: it goes at once
+        await settle()
+        assert (handle.sent[2].method, handle.sent[2].args) == ("rerank", ("next", ["d"]))
+        handle.sent[2].answer({"scores": [1.0]})
+        assert await after == {"scores": [1.0]}
 
     asyncio.run(scenario())
 

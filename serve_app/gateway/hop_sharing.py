@@ -6,15 +6,15 @@ each process), while the model replica already merges whatever piles up for its 
 per model and method (and per call options: the batch runner's background calls never share a call with online
 ones, and they run in another process anyway):
 
-- a request that finds no call to its model in flight is sent at once, alone, in its own request context (exactly
-  the single call the gateway made before this module existed);
+- a request that finds no call to its model in flight (fewer than `max_calls_in_flight`) is sent at once, alone, in
+  its own task (exactly the single call the gateway made before this module existed);
 - a request that comes while a call is in flight waits here until a call to that model returns, or `max_wait_ms`,
   or until `max_items` requests wait; then the waiting requests go together in one call of the replica's
   `serve_group`, which runs each through the same method a single call takes and answers one outcome per request
   (serve_app/replica/deployment.py). A request that finds a group forming but is alone when it goes is sent alone.
 
-Each request keeps its own fate: `SharedCall` behaves, for the request that awaits it, like the DeploymentResponse
-of a single call (serve_app/gateway/handling.py's retries, deadlines and error kinds work on it unchanged):
+Each request keeps its own fate: `SharedCall` (and `LoneCall`) behaves, for the request that awaits it, like the
+DeploymentResponse of a single call (serve_app/gateway/handling.py's retries, deadlines and error kinds work on it unchanged):
 - its answer, or its own error (a ServingError the replica raised for it alone, re-raised here), or the group's
   failure (a replica that died, a full queue), which each request then handles as its own single call would: a
   retry (a new SharedCall), a 503, ...;
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,6 +119,34 @@ class SharedCall:
             self.future.set_exception(error)
 
 
+class LoneCall:
+    """A request's own call, made at once because nothing was in flight: its DeploymentResponse, which tells the lane
+    when it ends (answered, failed or cancelled), exactly once."""
+
+    __slots__ = ("lane", "response", "ended")
+
+    def __init__(self, lane: Lane, response):
+        self.lane, self.response, self.ended = lane, response, False
+
+    def __await__(self):
+        return self._answer().__await__()
+
+    async def _answer(self):
+        try:
+            return await self.response
+        finally:
+            self._end()
+
+    def cancel(self) -> None:
+        self.response.cancel()
+        self._end()  # also when the awaiting task was cancelled before it ever started
+
+    def _end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.lane.finished()
+
+
 @dataclass(eq=False)
 class Call:
     """One handle call in flight: a single request's, or a group's."""
@@ -146,12 +173,15 @@ class Lane:
     waiting: list[SharedCall] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
 
-    def send(self, args: tuple) -> SharedCall:
+    def send(self, args: tuple) -> LoneCall | SharedCall:
+        if self.in_flight < self.sharer.config.max_calls_in_flight and not self.waiting:
+            # Nothing to wait for: the request's own call, made here, in its own task, as without sharing.
+            response = self.single.remote(*args, **self.options)
+            self.in_flight += 1
+            self.sharer.stats["calls"] += 1
+            return LoneCall(self, response)
         loop = asyncio.get_running_loop()
         request = SharedCall(self, args, contextvars.copy_context(), loop.create_future())
-        if self.in_flight == 0 and not self.waiting:
-            self.start([request])
-            return request
         self.waiting.append(request)
         if len(self.waiting) >= self.sharer.config.max_items:
             self.flush()
@@ -241,8 +271,7 @@ class HopSharer:
         # requests; sent_back: requests a full replica returned, then sent alone.
         self.stats = {"calls": 0, "groups": 0, "grouped_requests": 0, "sent_back": 0}
 
-    def send(self, entry, method: str, args: tuple, options: dict[str, Any],
-             single: Callable[[], Any] | None = None) -> SharedCall:
+    def send(self, entry, method: str, args: tuple, options: dict[str, Any]) -> LoneCall | SharedCall:
         """Send `entry`'s `method(*args, **options)` now, or with the requests that gather while a call to it is in
         flight. Call from the request's own task (its context is the single call's)."""
         key = (entry.app_name, entry.deployed_at, method, tuple(sorted(options.items())))
