@@ -177,8 +177,9 @@ def main() -> None:
     headers = {"Authorization": f"Bearer {KeyStore(connect(database)).create('hop-sharing-bench')[1]}"}
     port = free_port()
     base = serve_config(paths["rerank"], paths["embed"], port, 1, None, auth=True, database_url=database)
-    print(f"tiny models, auth on, SQLite ledger, 1 gateway replica, {'Python proxy' if args.python_proxy else 'HAProxy'}"
-          f" ingress; variants {' '.join(args.variants)}, {args.rounds} rounds, the order rotating; "
+    ingress = "Python proxy" if args.python_proxy else "HAProxy"
+    print(f"tiny models, auth on, SQLite ledger, 1 gateway replica, {ingress} ingress; variants "
+          f"{' '.join(args.variants)}, {args.rounds} rounds, the order rotating; "
           f"sequential {args.latency_samples}, saturation {args.concurrency} clients x {args.requests} requests; "
           f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
     instance = ServeInstance.start_on(port, num_cpus=8, num_gpus=0, haproxy_on=not args.python_proxy)
@@ -199,7 +200,8 @@ def main() -> None:
                 cpu = r["cpu"]
                 row = (f"run {run + 1} {variant:<4} {kind:<6} seq p50 {r['sequential_p50']:6.2f} ms | "
                        f"{args.light_clients} clients {r['light_rate']:6.1f} req/s p50 {r['light_p50']:6.2f} ms | "
-                       f"{args.concurrency} clients {r['rate']:6.1f} req/s p50 {r['loaded_p50']:6.2f} ms | CPU s per 1k: "
+                       f"{args.concurrency} clients {r['rate']:6.1f} req/s p50 {r['loaded_p50']:6.2f} ms | "
+                       "CPU s per 1k: "
                        + " ".join(f"{name} {seconds:5.2f}" for name, seconds in cpu.items())
                        + f" sum {sum(cpu.values()):5.2f} | grouped {r['grouped_share']:4.0%} mean group "
                          f"{r['group_size']:4.1f} | load {os.getloadavg()[0]:.1f}")

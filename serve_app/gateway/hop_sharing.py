@@ -14,10 +14,12 @@ ones, and they run in another process anyway):
   (serve_app/replica/deployment.py). A request that finds a group forming but is alone when it goes is sent alone.
 
 Each request keeps its own fate: `SharedCall` (and `LoneCall`) behaves, for the request that awaits it, like the
-DeploymentResponse of a single call (serve_app/gateway/handling.py's retries, deadlines and error kinds work on it unchanged):
+DeploymentResponse of a single call (serve_app/gateway/handling.py's retries, deadlines and error kinds work on it
+unchanged):
 - its answer, or its own error (a ServingError the replica raised for it alone, re-raised here), or the group's
   failure (a replica that died, a full queue), which each request then handles as its own single call would: a
-  retry (a new SharedCall), a 503, ...;
+  retry (a new SharedCall), a 503, ...; a request the replica sent back because it already held
+  max_ongoing_requests is sent alone, through Serve's queue, as it would have been without sharing;
 - cancellation: a request cancelled while it waits here (its client disconnected, its deadline passed) leaves the
   group before it is sent, so no model work is done for it; one cancelled after the group was sent is dropped
   from it (its answer is thrown away, and it is never billed: billing happens in the request, after its answer);
@@ -25,7 +27,9 @@ DeploymentResponse of a single call (serve_app/gateway/handling.py's retries, de
   Serve's cancel-with-the-parent does not take a whole group down when one of its requests goes.
 
 Only small requests share a hop (MAX_SHARED_TEXTS, MAX_SHARED_CHARS): a large request's cost is its model work, and
-a group of large ones would make one large message (Serve's gRPC transport has a 1 GiB limit, config.py).
+a group of large ones would make one large message (Serve's gRPC transport has a 1 GiB limit, config.py). Only models
+whose replicas describe themselves with `serves_groups` get groups: those with serve_group, and a fixed replica count
+(Serve autoscales on handle calls, where a group counts once).
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ from ray.serve.exceptions import RequestCancelledError
 
 from serve_app.config import HopSharingConfig
 
-# A request with more texts or characters than these is always sent alone (see the module docstring). 64 KiB of text
-# is about 16k tokens: far past the small requests whose hop dominates their cost, and 32 of them make a 2 MiB message.
+# A request with more texts or characters than these is always sent alone (see the module docstring). 64 Ki characters
+# are over ten thousand tokens: far past the small requests whose hop dominates their cost, and 32 of them make a
+# message of about 2 MiB.
 MAX_SHARED_TEXTS = 256
 MAX_SHARED_CHARS = 64 * 1024
 
