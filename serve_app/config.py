@@ -360,6 +360,24 @@ class TEIConfig(Strict):
     auto_truncate: bool = False
 
 
+class HopSharingConfig(Strict):
+    """Concurrent requests for one model sharing the hop to it (serve_app/gateway/hop_sharing.py). A request that finds
+    no call to its model (same method) in flight from its gateway replica is sent at once, alone; requests that come
+    while one is in flight wait in the gateway until a call to that model returns, at most `max_wait_ms`, and then go
+    together in one handle call of at most `max_items` requests. Each keeps its own answer, error, usage row and
+    cancellation."""
+
+    enabled: bool = True
+    max_items: int = Field(default=32, ge=2, le=256)
+    # Calls to one model a gateway replica lets run at once before requests wait to share the next. 1 shares the
+    # most (a call carries whatever arrived during the one before); more lets requests at light load go in parallel,
+    # each at once, as without sharing.
+    max_calls_in_flight: int = Field(default=1, ge=1, le=64)
+    # The longest a request waits in the gateway for the call in flight to return; past it the requests gathered
+    # so far go anyway, so a slow call (a large request) never holds small ones back for long.
+    max_wait_ms: float = Field(default=10.0, ge=0, le=1000)
+
+
 class GatewayConfig(Strict):
     """The ingress: the args of the `serve_app.app:gateway_app` application."""
 
@@ -388,6 +406,7 @@ class GatewayConfig(Strict):
     request_timeout_s: float = Field(default=120, gt=0)
     # Tries of a model call whose replica died before answering (1 = no retry). Safe: models are pure functions.
     model_call_attempts: int = Field(default=3, ge=1, le=10)
+    hop_sharing: HopSharingConfig = Field(default_factory=HopSharingConfig)
 
 
 # ---- the whole Serve config file ---------------------------------------------------------------------------

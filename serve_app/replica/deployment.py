@@ -20,6 +20,9 @@ they never count against max_waiting_requests: bulk work fills idle capacity, an
 the one background run in progress (only the first one after a quiet spell can meet one; the batch runner bounds how
 much one run holds by its lines in flight per model).
 
+Several gateway requests can reach the replica in one handle call (`serve_group`, sent by
+serve_app/gateway/hop_sharing.py): each of them takes the path above exactly as if it had come alone.
+
 Only text and numbers cross the handle hop: scores, token counts and float32 vectors.
 """
 
@@ -40,7 +43,7 @@ from ray import serve
 
 from models.errors import EngineInputError
 from serve_app.config import MODEL_DEPLOYMENT_NAME, BatchingConfig, ModelConfig
-from serve_app.errors import InternalError, InvalidRequest, Overloaded
+from serve_app.errors import InternalError, InvalidRequest, Overloaded, ServingError
 from serve_app.metrics import ModelMetrics
 from serve_app.replica.loading import load_calibration, load_engine
 
@@ -51,6 +54,8 @@ MAX_BATCHES_IN_FLIGHT = 64
 # hand-off to the tokenizer thread and back about 0.13 ms, so small requests skip the hand-off while a large one
 # never holds the event loop for more than about a millisecond.
 INLINE_TOKENIZE_MAX_CHARS = 1024
+# The methods a gateway may send several requests of in one call (serve_group).
+GROUPABLE_METHODS = ("rerank", "embed")
 
 
 class _TokenBudgetWarningFilter(logging.Filter):
@@ -103,9 +108,12 @@ class ModelServer:
         # larger than a whole batch, the rest came in `batches`. engine_runs: forward runs, each over everything
         # queued at its start (largest_run_jobs the most jobs in one). forward_tokens / padded_slots: real tokens and
         # the token slots the forward micro-batches computed (the padding efficiency; a shared query head counts once).
+        # groups / grouped_requests: serve_group calls and the requests they carried; group_requests_sent_back: those
+        # refused because the replica already held max_ongoing_requests (the gateway sends them alone instead).
         self._stats = {"jobs": 0, "tokens": 0, "immediate_jobs": 0, "solo_jobs": 0, "batches": 0, "engine_runs": 0,
                        "largest_run_jobs": 0, "engine_seconds": 0.0, "background_jobs": 0, "forward_tokens": 0,
-                       "padded_slots": 0, "micro_batches": 0}
+                       "padded_slots": 0, "micro_batches": 0, "groups": 0, "grouped_requests": 0,
+                       "group_requests_sent_back": 0}
         self._probe_job = self._tokenize_probe()
         self.metrics = ModelMetrics(self.config.name)
 
@@ -128,9 +136,14 @@ class ModelServer:
     async def describe(self) -> dict[str, Any]:
         # The price as decimal text: only text and numbers cross the hop, and the gateway debits by it exactly.
         price = self.config.price.model_dump(mode="json", exclude_none=True) if self.config.price else None
+        # `serves_groups`: the gateway may send this model several requests in one call (serve_group); a gateway
+        # newer than the model's replicas finds no such fact and sends them nothing they cannot answer. Not for an
+        # autoscaled model: Serve scales on ongoing handle calls (target_ongoing_requests), where a group of 30
+        # requests would count as one, so the model would not scale up under load.
         return {**self.facts, "name": self.config.name, "aliases": list(self.config.aliases),
                 "token_budget": self.engine.token_budget, "max_batch_tokens": self._batching.max_batch_tokens,
-                "max_ongoing_requests": self.config.deployment.max_ongoing_requests, "price": price}
+                "max_ongoing_requests": self.config.deployment.max_ongoing_requests, "price": price,
+                "serves_groups": self.config.deployment.autoscaling is None}
 
     async def rerank(self, query: str, documents: list[str], instruction: str | None = None,
                      max_tokens_per_doc: int | None = None, truncate: bool = True,
@@ -188,6 +201,41 @@ class ModelServer:
         """Token ids back to text, one string per sequence (TEI's /decode, vLLM's /detokenize)."""
         texts = await self._tokenize(sum(map(len, sequences)), self.engine.decode, sequences, skip_special_tokens)
         return {"texts": texts}
+
+    async def serve_group(self, method: str, calls: list[list], *, background: bool = False) -> list:
+        """Several requests' calls of `method` in one handle call, sent by a gateway replica whose requests for this
+        model arrived while its previous call was in flight (serve_app/gateway/hop_sharing.py). Each call runs
+        concurrently through `method` itself, exactly as if it had come alone (tokenization, batching, the engine
+        queue, background priority, max_waiting_requests), so its result is the one a single call would get.
+
+        Returns one outcome per call, in order: its answer; the ServingError it alone raised (any other exception
+        becomes an InternalError, as the engine's per-job failures do), which the gateway raises as that request's
+        own error; or None for a call this replica did not take because it already held max_ongoing_requests
+        requests. Serve counts a group as one request against max_ongoing_requests, so without that bound a group
+        would slip past the replica's limit; the gateway sends a call that came back None alone, through Serve's
+        queue and its 503s, where it would have gone without sharing. Background calls are bounded by their
+        sender, as in `_admitted`."""
+        if method not in GROUPABLE_METHODS:
+            raise InvalidRequest(f"serve_group runs {', '.join(GROUPABLE_METHODS)}, not {method!r}")
+        serve_one = getattr(self, method)
+        self._stats["groups"] += 1
+        self._stats["grouped_requests"] += len(calls)
+
+        async def outcome(args: list):
+            if not background and self._held >= self.config.deployment.max_ongoing_requests:
+                self._stats["group_requests_sent_back"] += 1
+                return None
+            try:
+                return await serve_one(*args, background=background)
+            except ServingError as error:
+                return error
+            except Exception as exc:  # noqa: BLE001 - one call's failure is that call's answer, not the group's
+                logger.exception("%s: a grouped %s call failed", self.config.name, method)
+                return InternalError(f"model {self.config.name!r} failed on this request: {exc!r}")
+
+        # Each call is a task of its own, started in order: a call's admission (`_held`) is counted before the next
+        # one is looked at, and a cancelled group (every request of it gone) cancels them all.
+        return list(await asyncio.gather(*(outcome(args) for args in calls)))
 
     async def stats(self) -> dict[str, Any]:
         """Batching counters (how many jobs shared forward passes), the requests inside this replica now, and where
