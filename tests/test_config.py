@@ -298,7 +298,7 @@ def test_grafana_dashboard_queries_only_metrics_we_publish():
     import re
 
     metrics_source = (CONFIGS[0].parent.parent / "serve_app" / "metrics.py").read_text()
-    published = set(re.findall(r'(?:Counter|Histogram)\("(qwen3_\w+)"', metrics_source))
+    published = set(re.findall(r'(?:Counter|Gauge|Histogram)\("(qwen3_\w+)"', metrics_source))
     dashboard = json.loads((CONFIGS[0].parent / "grafana" / "qwen3-serve.json").read_text())
     used = {name for panel in dashboard["panels"] for target in panel["targets"]
             for name in re.findall(r"ray_(qwen3_\w+?)(?:_total|_bucket|_count|_sum)?\b", target["expr"])}

@@ -20,6 +20,10 @@ they never count against max_waiting_requests: bulk work fills idle capacity, an
 the one background run in progress (only the first one after a quiet spell can meet one; the batch runner bounds how
 much one run holds by its lines in flight per model).
 
+Autoscaling: every replica keeps the tokens it holds (online and background apart) and the tokens per second its
+engine computes, and reports them to Serve's controller (`record_autoscaling_stats`), where the queued-work policy
+scales on them (serve_app/replica/autoscaling.py).
+
 Only text and numbers cross the handle hop: scores, token counts and float32 vectors.
 """
 
@@ -41,6 +45,7 @@ from models.errors import EngineInputError
 from serve_app.config import MODEL_DEPLOYMENT_NAME, BatchingConfig, ModelConfig
 from serve_app.errors import InternalError, InvalidRequest, Overloaded
 from serve_app.metrics import ModelMetrics
+from serve_app.replica.autoscaling import WorkSignal, estimated_tokens_per_s, job_work
 from serve_app.replica.loading import load_calibration, load_engine
 
 logger = logging.getLogger("ray.serve")
@@ -107,6 +112,7 @@ class ModelServer:
                        "padded_slots": 0, "micro_batches": 0}
         self._probe_job = self._tokenize_probe()
         self.metrics = ModelMetrics(self.config.name)
+        self.work = WorkSignal(self._look_back_s(), self._estimated_tokens_per_s())
 
     # ---- configuration ------------------------------------------------------------------------------------
 
@@ -174,6 +180,13 @@ class ModelServer:
         return {**self._stats, "requests_inside": self._held, "batching": self._batching.model_dump(),
                 "placement": placement}
 
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """The autoscaling signal (serve_app/replica/autoscaling.py), which Serve asks for every record interval
+        of a deployment with `autoscaling` and hands to the policy; the same numbers go to Prometheus."""
+        report = self.work.report(time.monotonic(), self.engine.work.real_tokens, self._held)
+        self.metrics.work(report["online_tokens"], report["background_tokens"], report["tokens_per_s"])
+        return report
+
     async def check_health(self) -> None:
         """Fails when the engine cannot run a forward pass. While requests are running the engine is proven to
         work; when idle, a one-sequence probe runs (milliseconds)."""
@@ -228,6 +241,14 @@ class ModelServer:
         return not self._busy and not self._engine_queue
 
     async def _submit(self, job, background: bool = False):
+        work = job_work(job)
+        self.work.hold(work, background)
+        try:
+            return await self._submit_held(job, background)
+        finally:
+            self.work.release(work, background)
+
+    async def _submit_held(self, job, background: bool):
         if background:
             self._stats["background_jobs"] += 1
             result = (await self._forward([job], background=True))[0]
@@ -300,6 +321,10 @@ class ModelServer:
                     continue
                 self._busy += 1
                 self._running = len(taken)
+                counter_before = self.engine.work.real_tokens  # the engine thread is idle here
+                self.work.run_started(time.monotonic(), counter_before, sum(job_work(job) for job, _ in taken),
+                                      queue is self._background_queue)
+                started = time.monotonic()
                 try:
                     results = await loop.run_in_executor(self._engine_thread, self._run_measured,
                                                          [job for job, _ in taken], waits)
@@ -308,6 +333,8 @@ class ModelServer:
                 finally:
                     self._busy -= 1
                     self._running = 0
+                    self.work.run_ended(time.monotonic(), self.engine.work.real_tokens - counter_before,
+                                        time.monotonic() - started)
                 self._stats["engine_runs"] += 1
                 self._stats["jobs"] += len(taken)
                 self._stats["tokens"] += tokens
@@ -348,6 +375,18 @@ class ModelServer:
         for job in jobs:
             results.extend(self._run_isolated([job]))
         return results
+
+    def _look_back_s(self) -> float:
+        autoscaling = self.config.deployment.autoscaling
+        return autoscaling.look_back_s if autoscaling is not None else 30.0
+
+    def _estimated_tokens_per_s(self) -> float:
+        autoscaling = self.config.deployment.autoscaling
+        if autoscaling is not None and autoscaling.queued_work is not None \
+                and autoscaling.queued_work.estimated_tokens_per_s is not None:
+            return autoscaling.queued_work.estimated_tokens_per_s
+        return estimated_tokens_per_s(self.facts["device"], self.facts["parameters"],
+                                      self.engine.vocab_size * self.engine.hidden_size, self.facts["cpu_threads"])
 
     def _tokenize_probe(self):
         if self.config.task == "rerank":
