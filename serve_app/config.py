@@ -103,13 +103,16 @@ class QueuedWorkConfig(Strict):
                 "background_queue_seconds": self.background_queue_seconds}
 
 
+DEFAULT_TARGET_ONGOING_REQUESTS = 8.0
+
+
 class AutoscalingConfig(Strict):
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=4, ge=1)
     initial_replicas: int | None = Field(default=None, ge=0)
-    # Serve's request-count policy: in-flight requests per replica that Serve steers towards. Model replicas
-    # batch, so a few queued requests are what keeps batches full. Not used with queued_work.
-    target_ongoing_requests: float = Field(default=8, gt=0)
+    # Serve's request-count policy: in-flight requests per replica that Serve steers towards (None: 8). Model
+    # replicas batch, so a few queued requests are what keeps batches full. Not with queued_work.
+    target_ongoing_requests: float | None = Field(default=None, gt=0)
     # The token-aware policy instead of Serve's request count (models only). Leave it out to fall back to Serve's.
     queued_work: QueuedWorkConfig | None = None
     upscale_delay_s: float = Field(default=10, ge=0)
@@ -139,7 +142,7 @@ class AutoscalingConfig(Strict):
             raise ValueError(
                 f"look_back_period_s ({look_back:g}{'' if self.look_back_period_s else ', Serve default'}) must be "
                 f"longer than metrics_interval_s ({interval:g}{'' if self.metrics_interval_s else ', Serve default'})")
-        if self.queued_work is not None and "target_ongoing_requests" in self.model_fields_set:
+        if self.queued_work is not None and self.target_ongoing_requests is not None:
             raise ValueError("target_ongoing_requests is the request-count policy's target and queued_work replaces "
                              "that policy: set one of them")
         return self
@@ -153,6 +156,7 @@ class AutoscalingConfig(Strict):
         """Serve's `autoscaling_config`: queued_work becomes Serve's `policy` (our policy's import path and its
         kwargs); without it Serve's default request-count policy applies."""
         options = self.model_dump(exclude_none=True, exclude={"queued_work"})
+        options.setdefault("target_ongoing_requests", DEFAULT_TARGET_ONGOING_REQUESTS)
         if self.queued_work is not None:
             options["policy"] = {"policy_function": QUEUED_WORK_POLICY,
                                  "policy_kwargs": self.queued_work.policy_kwargs()}

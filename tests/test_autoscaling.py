@@ -222,8 +222,10 @@ def test_bad_autoscaling_knobs_are_refused_by_name(queued_work, expected):
 
 
 def test_the_policy_is_selected_in_config_and_serves_stays_selectable():
-    work = ModelConfig(name="m", task="embed", source="./x", deployment={"autoscaling": {
-        "queued_work": {"target_queue_seconds": 2}}}).deployment.serve_options()["autoscaling_config"]
+    model = ModelConfig(name="m", task="embed", source="./x", deployment={"autoscaling": {
+        "queued_work": {"target_queue_seconds": 2}}})
+    assert ModelConfig.model_validate(model.model_dump()) == model  # the builder hands the replica its dump
+    work = model.deployment.serve_options()["autoscaling_config"]
     assert work["policy"] == {"policy_function": "serve_app.replica.autoscaling:QueuedWorkPolicy",
                               "policy_kwargs": {"target_queue_seconds": 2, "background_queue_seconds": None}}
     assert isinstance(_resolve_policy_callable(ServeAutoscalingConfig.model_validate(work).policy), QueuedWorkPolicy)
