@@ -19,9 +19,11 @@ test: $(VENV)/.installed  ## set up, then run the whole test suite
 
 # The config check fetches every model's weights first (progress bars, several at once) and stops here, before Ray
 # starts, with one line per model whose weights cannot be had.
+# qwen3-serve is `serve run` behind Ray Serve's HAProxy ingress (QWEN3_SERVE_HAPROXY=0 make serve: the Python proxy),
+# leaving nothing listening after Ctrl-C or SIGTERM.
 serve: $(VENV)/.installed  ## set up, then serve CONFIG (default configs/local.yaml; offline: CONFIG=configs/tiny.yaml)
 	$(PY) -m serve_app.replica.weights --fetch $(CONFIG)
-	$(VENV)/bin/serve run $(CONFIG)
+	$(VENV)/bin/qwen3-serve $(CONFIG)
 
 checkpoints: $(VENV)/.installed  ## tiny offline reranker + embedder checkpoints in checkpoints/
 	$(PY) -m models.checkpoints --out checkpoints

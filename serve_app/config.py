@@ -182,8 +182,9 @@ class DeploymentOptions(Strict):
     max_ongoing_requests: int = Field(default=32, ge=1)
     # Requests waiting in each caller's queue before Serve answers 503/429; -1 = unbounded.
     max_queued_requests: int = Field(default=256, ge=-1)
-    # What a client gets when that queue is full and Serve refuses the request itself (in front of the gateway,
-    # Serve's proxy answers, not our code): 503 or 429, with Retry-After in seconds so clients back off.
+    # What a client gets when that queue is full and Serve refuses the request itself, not our code (in front of
+    # the gateway: the gateway replica's own HTTP server under the HAProxy ingress, Serve's proxy under the Python
+    # one): 503 or 429, with Retry-After in seconds so clients back off.
     backpressure_status: Literal[503, 429] = 503
     backpressure_retry_after_s: float | None = Field(default=1, ge=0)
     health_check_period_s: float = Field(default=10, gt=0)

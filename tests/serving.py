@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 import httpx
 import yaml
 
+from serve_app.cluster import haproxy
 from serve_app.config import ServeConfigFile
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,37 +91,70 @@ def tiny_test_config(port: int, reranker_path: Path, embedder_path: Path, databa
     return config
 
 
+def use_ingress(haproxy_on: bool = True) -> dict[str, str]:
+    """Set, in this process's environment, what the next Ray started from it needs for its ingress: Ray Serve's
+    HAProxy (the default, as `make serve` and the cluster files run it) or Serve's Python proxy. Each instance gets
+    its own haproxy pid directory and its own stats, exporter and fallback-proxy ports, so Serve instances on one
+    machine (the multi-node cluster, parallel runs) never share them. Returns what it set."""
+    environment = {
+        haproxy.SWITCH: "1" if haproxy_on else "0",
+        haproxy.RUN_DIR: tempfile.mkdtemp(prefix="qwen3-serve-haproxy-"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
+        # A stopping ingress replica waits this long for load balancers to stop sending to it (Ray: 30 s). Here
+        # the controller tells haproxy within a second and haproxy retries refused connections, while the suite
+        # restarts gateway and model replicas dozens of times: 30 s each was most of the suite's time under HAProxy.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    }
+    environment.update(haproxy.ray_environment(environment))
+    os.environ.update(environment)
+    return environment
+
+
 class ServeInstance:
-    def __init__(self, port: int, metrics_port: int | None = None):
+    def __init__(self, port: int, metrics_port: int | None = None, ingress: dict[str, str] | None = None):
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None
         self.headers: dict[str, str] = {}  # Authorization for the readiness checks when auth is on
+        self.ingress = ingress or {}  # what use_ingress set for this instance's Ray
+        self.leftovers: list[int] = []  # haproxy pids still running after stop() (and then ended by it)
+
+    @property
+    def on_haproxy(self) -> bool:
+        return self.ingress.get(haproxy.SWITCH) == "1"
 
     @classmethod
-    def start_on(cls, port: int, num_cpus: int = 8, num_gpus: int = 1) -> "ServeInstance":
+    def start_on(cls, port: int, num_cpus: int = 8, num_gpus: int = 1, haproxy_on: bool = True) -> "ServeInstance":
         import ray
         from ray import serve
 
+        ingress = use_ingress(haproxy_on)
         # Logical resources: the machine has 2 cores and no GPU; Ray schedules by these numbers only.
         metrics_port = free_port()
         # Metrics reach the node's export port every second instead of every 10 (the metrics tests wait on it).
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"RAY_SERVE_LOG_TO_STDERR": "0"}}, _metrics_export_port=metrics_port,
+        # address="local": always a new cluster of its own, never one another process on this machine started.
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                 log_to_driver=False, runtime_env={"env_vars": {"RAY_SERVE_LOG_TO_STDERR": "0"}}, _metrics_export_port=metrics_port,
                  _system_config={"metrics_report_interval_ms": 1000})
-        instance = cls(port, metrics_port)
+        instance = cls(port, metrics_port, ingress)
         serve.start(http_options={"host": "127.0.0.1", "port": instance.port})
         return instance
 
     @classmethod
-    def start_on_cluster(cls, port: int, address: str) -> "ServeInstance":
-        """Serve on a running (multi-node) Ray cluster, as a driver connected to `address`."""
+    def start_on_cluster(cls, port: int, address: str, ingress: dict[str, str] | None = None,
+                         host: str = "127.0.0.1") -> "ServeInstance":
+        """Serve on a running (multi-node) Ray cluster, as a driver connected to `address`. `ingress`: what
+        use_ingress set before the cluster's nodes started."""
         import ray
         from ray import serve
 
         ray.init(address=address, log_to_driver=False)
-        instance = cls(port)
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        instance = cls(port, ingress=ingress)
+        instance.url = f"http://{host}:{port}"
+        serve.start(http_options={"host": host, "port": port})
         return instance
 
     def stop(self) -> None:
@@ -127,6 +163,12 @@ class ServeInstance:
 
         serve.shutdown()
         ray.shutdown()
+        self.end_leftovers()
+
+    def end_leftovers(self) -> None:
+        """End the haproxy processes Ray left running (tests assert there were none where that is their point)."""
+        if self.on_haproxy:
+            self.leftovers = haproxy.stop_leftovers(self.ingress[haproxy.RUN_DIR])
 
     def deploy(self, config: dict[str, Any], timeout_s: float = 180, wait: bool = True,
                unchecked_applications: list[dict] = ()) -> None:

@@ -13,7 +13,7 @@ from ray.serve.schema import ServeDeploySchema
 from serve_app.config import (AutoscalingConfig, GatewayConfig, ModelConfig, ServeConfigFile, load_config_file,
                               validate_args)
 from serve_app.errors import InvalidRequest, ModelNotFound, ModelStarting
-from serve_app.gateway.directory import STARTING_RETRY_AFTER_S, ModelApp, ModelDirectory
+from serve_app.gateway.directory import STARTING_RETRY_AFTER_S, ModelApp, ModelDirectory, model_apps
 from serve_app.replica.weights import ModelLoadError, fetch_weights, main
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
@@ -303,3 +303,25 @@ def test_grafana_dashboard_queries_only_metrics_we_publish():
     used = {name for panel in dashboard["panels"] for target in panel["targets"]
             for name in re.findall(r"ray_(qwen3_\w+?)(?:_total|_bucket|_count|_sum)?\b", target["expr"])}
     assert used and used <= published, used - published
+
+
+def test_the_model_listing_counts_an_application_not_built_yet_as_starting():
+    """The controller's details while a config is applied: the reranker's application is still being built (no
+    deployment yet, its config known), the embedder's replica is loading, a Python-deployed app has no config, an
+    unrelated application and one being deleted are left out."""
+    model = "serve_app.app:model_app"
+    details = {"applications": {
+        "rr": {"status": "DEPLOYING", "last_deployed_time_s": 5.0, "deployments": {},
+               "deployed_app_config": {"import_path": model, "args": {"name": "rr", "aliases": ["Org/RR"]}}},
+        "emb": {"status": "DEPLOYING", "last_deployed_time_s": 4.0,
+                "deployments": {"ModelServer": {"replicas": [{"state": "STARTING"}]}},
+                "deployed_app_config": {"import_path": model, "args": {"name": "emb"}}},
+        "py": {"status": "RUNNING", "last_deployed_time_s": 3.0,
+               "deployments": {"ModelServer": {"replicas": [{"state": "RUNNING"}]}}, "deployed_app_config": None},
+        "floor": {"status": "DEPLOYING", "last_deployed_time_s": 2.0, "deployments": {},
+                  "deployed_app_config": {"import_path": "bench.floor_app:floor_app", "args": {}}},
+        "gone": {"status": "DELETING", "last_deployed_time_s": 1.0, "deployments": {},
+                 "deployed_app_config": {"import_path": model, "args": {"name": "gone"}}},
+    }}
+    assert model_apps(details) == {"rr": ModelApp(5.0, False, ("rr", "Org/RR")), "emb": ModelApp(4.0, False, ("emb",)),
+                                   "py": ModelApp(3.0, True, ())}

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.reference import ModelCardReranker
-from tests.serving import ServeInstance, free_port
+from tests.serving import ServeInstance, free_port, use_ingress
 
 pytestmark = pytest.mark.multinode
 
@@ -127,12 +127,15 @@ def multinode(tiny_reranker_path, tiny_embedder_path, tmp_path_factory):
 
     import ray
 
+    # Every node of the cluster starts with the ingress the cluster files give it (HAProxy), from this environment.
+    ingress = use_ingress()
     # Head: controller, proxy and gateway (no GPU, as on cluster.yaml's head); GPU workers are added per test.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0})
     port = free_port()
     database_url = f"sqlite:///{tmp_path_factory.mktemp('multinode') / 'serve.db'}"
+    instance = None
     try:
-        instance = ServeInstance.start_on_cluster(port, cluster.address)
+        instance = ServeInstance.start_on_cluster(port, cluster.address, ingress)
         try:
             yield MultiNode(cluster, instance, lambda names: cluster_config(
                 port, database_url, tiny_reranker_path, tiny_embedder_path, names))
@@ -141,6 +144,8 @@ def multinode(tiny_reranker_path, tiny_embedder_path, tmp_path_factory):
             ray.shutdown()
     finally:
         cluster.shutdown()
+        if instance is not None:
+            instance.end_leftovers()
 
 
 @pytest.fixture(scope="module")
@@ -311,3 +316,22 @@ def test_replicas_of_a_dead_worker_node_come_back_on_the_others(multinode, refer
         assert_right(rerank(multinode.serve.url, model), expected)
     response = httpx.post(f"{multinode.serve.url}/v1/embeddings", json={"model": HALF, "input": ["a"]}, timeout=60)
     assert response.status_code == 200, response.text
+
+
+def test_haproxy_on_the_head_reaches_a_gateway_replica_on_another_node(multinode, reference, tiny_reranker_path):
+    """The gateway asks for more CPUs than the head has, so its replica runs on a worker node; requests still enter
+    through the head's haproxy (proxy_location HeadOnly) and are served."""
+    from ray.serve.context import _get_global_client
+
+    multinode.cluster.add_node(num_cpus=8, num_gpus=0)
+    multinode.cluster.wait_for_nodes()
+    config = multinode.make_config([])
+    config["applications"][0]["args"]["deployment"]["num_cpus"] = 5  # the head has 4
+    config["applications"].append(model_application("rr-cpu", "rerank", tiny_reranker_path, num_gpus=0))
+    multinode.serve.deploy(config)
+    details = _get_global_client().get_serve_details()
+    gateway_nodes = {replica["node_id"] for deployment in details["applications"]["gateway"]["deployments"].values()
+                     for replica in deployment["replicas"] if replica["state"] == "RUNNING"}
+    head = multinode.cluster.head_node.node_id
+    assert gateway_nodes and head not in gateway_nodes
+    assert_right(rerank(multinode.serve.url, "rr-cpu"), reference.scores(QUERY, DOCUMENTS))

@@ -14,6 +14,7 @@ from tests.texts import DOCUMENTS, NONEMPTY_QUERIES
 TOLERANCE = 1e-5
 EXTRA_EMBEDDER = "qwen3-embedding-extra"
 STARTING_EMBEDDER = "qwen3-embedding-starting"
+UNBUILT_RERANKER = "qwen3-reranker-unbuilt"
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +145,26 @@ def test_a_model_that_cannot_start_yet_answers_503_and_ready_names_it(served, se
     finally:
         served.deploy(serve_config)
     assert ready_answer(200).json() == {"status": "ready", "models": sorted([EMBEDDER, NARROW_RERANKER, RERANKER])}
+
+
+def test_a_model_whose_application_is_not_built_yet_answers_503_by_name_and_alias(served, serve_config):
+    """From the moment a config naming a model is applied, before Serve has built its application (no deployment
+    exists yet): 503 model_starting with Retry-After by name and alias, never 404. The build is held on purpose: its
+    deployment asks for a node label no node has, and Serve schedules the build task where its replicas may run."""
+    unbuilt = copy.deepcopy(application(serve_config, RERANKER))
+    unbuilt["name"] = unbuilt["args"]["name"] = UNBUILT_RERANKER
+    unbuilt["args"]["aliases"] = ["Org/Unbuilt-Reranker"]
+    unbuilt["deployments"] = [{"name": "ModelServer", "ray_actor_options": {"label_selector": {"qwen3-test": "none"}}}]
+    try:
+        served.deploy(serve_config, wait=False, unchecked_applications=[unbuilt])
+        for name in (UNBUILT_RERANKER, "Org/Unbuilt-Reranker"):
+            response = httpx.post(f"{served.url}/v1/rerank", json={"model": name, "query": "q", "documents": ["d"]},
+                                  headers=served.headers, timeout=60)
+            assert response.status_code == 503 and int(response.headers["Retry-After"]) > 0, response.text
+            assert response.json()["error"]["code"] == "model_starting"
+        from ray.serve.context import _get_global_client
+
+        details = _get_global_client().get_serve_details()["applications"][UNBUILT_RERANKER]
+        assert not details.get("deployments"), "the application was built after all: the test proves nothing"
+    finally:
+        served.deploy(serve_config)

@@ -7,8 +7,9 @@ every `refresh_s` and at once when a request names a model it does not know, so 
 `serve deploy` is served within seconds and the gateway never restarts for it.
 
 Readiness comes from the same listing: a model application that is deployed but has no running replica yet (its
-weights are loading) is *starting*. A request naming it gets 503 with Retry-After instead of a 404, and `/ready`
-(serve_app/gateway/probes.py) answers 503 until no model is starting.
+config applied but not yet built, or its weights loading) is *starting*. A request naming it, by name or alias,
+gets 503 with Retry-After instead of a 404, and `/ready` (serve_app/gateway/probes.py) answers 503 until no model
+is starting.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, NamedTuple
 
-from serve_app.config import MODEL_DEPLOYMENT_NAME
+from serve_app.config import MODEL_DEPLOYMENT_NAME, MODEL_IMPORT_PATH
 from serve_app.errors import InvalidRequest, ModelNotFound, ModelStarting
 from serve_app.periodic import Periodic
 
@@ -85,21 +86,30 @@ class Readiness:
 
 
 def serve_model_apps() -> dict[str, ModelApp]:
-    """The deployed model applications. Applications being deleted are left out: their replicas still run for a
-    while but no longer answer.
+    """The deployed model applications, from the Serve controller (model_apps says which).
 
     Reads the controller's plain details dict rather than `serve.status()`, which validates it into pydantic
     models (cloudpickling every deployment's request-router class on the way): 68 ms of the gateway's CPU per
     call against 2 ms on the 2-core machine, every refresh_s, on the cores that serve requests (BENCHMARKS.md)."""
     from ray.serve.context import _get_global_client
 
+    return model_apps(_get_global_client().get_serve_details())
+
+
+def model_apps(details: dict[str, Any]) -> dict[str, ModelApp]:
+    """The model applications in the controller's details: those running a ModelServer deployment, and those whose
+    deployed config names our model builder but whose application is not built yet (Serve lists no deployment
+    until the builder has run), so a model is starting, not unknown, from the moment its config is applied.
+    Applications being deleted are left out: their replicas still run for a while but no longer answer."""
     deployed = {}
-    for app_name, app in _get_global_client().get_serve_details().get("applications", {}).items():
+    for app_name, app in details.get("applications", {}).items():
         deployment = app.get("deployments", {}).get(MODEL_DEPLOYMENT_NAME)
-        if deployment is None or app.get("status") == "DELETING":
+        import_path = (app.get("deployed_app_config") or {}).get("import_path")
+        if app.get("status") == "DELETING" or (deployment is None and import_path != MODEL_IMPORT_PATH):
             continue
-        running = any(replica.get("state") == "RUNNING" for replica in deployment.get("replicas", []))
-        deployed[app_name] = ModelApp(app["last_deployed_time_s"], running, configured_names(app))
+        running = deployment is not None and any(replica.get("state") == "RUNNING"
+                                                 for replica in deployment.get("replicas", []))
+        deployed[app_name] = ModelApp(app.get("last_deployed_time_s", 0.0), running, configured_names(app))
     return deployed
 
 

