@@ -19,8 +19,9 @@ from ray.serve.config import AutoscalingConfig as ServeAutoscalingConfig
 from ray.serve.config import AutoscalingContext
 
 from serve_app.config import AutoscalingConfig, ModelConfig, ServeConfigFile
-from serve_app.replica.autoscaling import (BACKGROUND_TOKENS, MEASURED, ONLINE_REQUESTS, ONLINE_TOKENS, TOKENS_PER_S,
-                                           QueuedWorkPolicy, WorkSignal, estimated_tokens_per_s)
+from serve_app.replica.autoscaling import (BACKGROUND_TOKENS, MEASURED, ONLINE_REQUESTS, ONLINE_TOKENS,
+                                           ONLINE_TOKENS_CAPPED, TOKENS_PER_S, QueuedWorkPolicy, WorkSignal,
+                                           estimated_tokens_per_s)
 
 MEASURED_RATE = 60_000.0  # tokens/s, the tiny reranker's engine on this machine
 HUGE, TINY = 40_000, 20  # tokens held by one 400-document rerank and by one one-document rerank
@@ -68,9 +69,16 @@ class Deployment:
         return self.target
 
 
-def held(online: float = 0, requests: float = 0, background: float = 0, rate: float = MEASURED_RATE) -> dict:
-    return {ONLINE_TOKENS: online, ONLINE_REQUESTS: requests, BACKGROUND_TOKENS: background, TOKENS_PER_S: rate,
-            MEASURED: 1.0}
+def held(online: list[int] = (), background: list[int] = (), target_queue_seconds: float = 0.5) -> dict:
+    """What a replica reports (its own WorkSignal) holding these jobs, after a second of measured work."""
+    signal = WorkSignal(window_s=30, estimated_tokens_per_s=1, target_queue_seconds=target_queue_seconds)
+    signal.run_started(0.0, 0, [], background=False)
+    signal.run_ended(1.0, int(MEASURED_RATE), 1.0)
+    for key, work in enumerate(online):
+        signal.hold(("online", key), work, background=False)
+    for key, work in enumerate(background):
+        signal.hold(("background", key), work, background=True)
+    return signal.report(1.0, int(MEASURED_RATE), len(online))
 
 
 WORK = {"min_replicas": 1, "max_replicas": 4, "upscale_delay_s": 10, "downscale_delay_s": 60,
@@ -88,17 +96,30 @@ def clock(monkeypatch) -> Clock:
 
 def test_a_few_huge_requests_scale_up_where_the_request_count_does_not(clock):
     work, requests = Deployment(WORK, replicas=1), Deployment(REQUESTS, replicas=1)
-    three_huge = [held(online=3 * HUGE, requests=3)]
+    three_huge = [held(online=[HUGE] * 3)]
     assert work.tick(three_huge) == 1 and requests.tick(three_huge, total_requests=3) == 1  # upscale delay first
     clock.now += 10
-    # 120,000 tokens at 60,000/s is 2 s of work against a 0.5 s target: 4 replicas; 3 requests are far below 16.
-    assert work.tick(three_huge) == 4
+    # Each 40,000-token request takes 0.67 s at 60,000/s, past the 0.5 s target: each takes a whole replica, so
+    # three want three. Three requests are far below 16 per replica.
+    assert work.tick(three_huge) == 3
     assert requests.tick(three_huge, total_requests=3) == 1
+
+
+def test_one_huge_request_takes_one_replica_and_work_beside_it_a_second(clock):
+    """A request longer than the target cannot drain within it however many replicas run (Serve never moves it),
+    so it counts as one replica fully taken, not as its length over the target; anything beside it needs more."""
+    alone, beside = Deployment(WORK, replicas=1), Deployment(WORK, replicas=1)
+    assert held(online=[HUGE])[ONLINE_TOKENS] == HUGE and held(online=[HUGE])[ONLINE_TOKENS_CAPPED] == 30_000
+    for _ in range(2):
+        alone.tick([held(online=[HUGE])])
+        beside.tick([held(online=[HUGE, TINY])])
+        clock.now += 10
+    assert alone.target == 1 and beside.target == 2
 
 
 def test_many_tiny_requests_that_one_replica_serves_stay_on_one(clock):
     work, requests = Deployment(WORK, replicas=1), Deployment(REQUESTS, replicas=1)
-    sixty_four_tiny = [held(online=64 * TINY, requests=64)]
+    sixty_four_tiny = [held(online=[TINY] * 64)]
     for _ in range(2):
         assert work.tick(sixty_four_tiny) == 1  # 1,280 tokens: 21 ms of work
         requests.tick(sixty_four_tiny, total_requests=64)
@@ -108,9 +129,9 @@ def test_many_tiny_requests_that_one_replica_serves_stay_on_one(clock):
 
 def test_a_draining_queue_scales_down_only_after_the_downscale_delay(clock):
     work = Deployment(WORK, replicas=4)
-    busy = [held(online=HUGE, requests=1)] * 4
-    assert work.tick(busy) == 4  # 160,000 tokens: 2.7 s of work for 4 replicas against 0.5 s
-    drained = [held(online=0)] * 4
+    busy = [held(online=[HUGE])] * 4
+    assert work.tick(busy) == 4  # each replica fully taken by a request longer than the target
+    drained = [held()] * 4
     assert work.tick(drained) == 4
     clock.now += 59
     assert work.tick(drained) == 4
@@ -124,7 +145,7 @@ def test_a_draining_queue_scales_down_only_after_the_downscale_delay(clock):
 
 
 def test_background_work_alone_scales_up_only_when_the_config_says_it_may(clock):
-    bulk = [held(background=10 * HUGE)]
+    bulk = [held(background=[HUGE] * 10)]
     online_only = Deployment(WORK, replicas=1)
     allowed = Deployment({**WORK, "queued_work": {"target_queue_seconds": 0.5, "background_queue_seconds": 2}},
                          replicas=1)
@@ -140,7 +161,7 @@ def test_requests_waiting_at_callers_count_at_the_mean_size_held(clock):
     work = Deployment(WORK, replicas=1)
     # 8 requests inside hold 8 x 2,000 tokens (0.27 s: within target); 16 more wait at the gateways.
     for _ in range(2):
-        work.tick([held(online=8 * 2000, requests=8)], queued_at_callers=16)
+        work.tick([held(online=[2000] * 8)], queued_at_callers=16)
         clock.now += 10
     assert work.target == 2  # (8 + 16) x 2,000 = 48,000 tokens: 0.8 s of work, 1.6 replicas
 
@@ -148,26 +169,34 @@ def test_requests_waiting_at_callers_count_at_the_mean_size_held(clock):
 def test_no_signal_yet_keeps_the_target(clock):
     work = Deployment(WORK, replicas=2)
     assert work.tick([]) == 2  # replicas that have not reported (starting): no decision either way
-    assert work.tick([held(online=0, rate=0)] * 2) == 2
+    assert work.tick([{**held(), TOKENS_PER_S: 0.0}] * 2) == 2
 
 
 def test_the_signal_counts_queued_and_running_tokens_apart_and_measures_throughput():
-    signal = WorkSignal(window_s=30, estimated_tokens_per_s=1000)
-    assert signal.report(0.0, 0, 0) == {ONLINE_TOKENS: 0, ONLINE_REQUESTS: 0, BACKGROUND_TOKENS: 0,
-                                        TOKENS_PER_S: 1000, MEASURED: 0}
-    signal.hold(500, background=False)
-    signal.hold(300, background=False)
-    signal.hold(7000, background=True)
-    signal.run_started(1.0, counter=100, work=500, background=False)
-    # 2 s into the run the engine has computed 200 of its 500 tokens.
+    signal = WorkSignal(window_s=30, estimated_tokens_per_s=1000, target_queue_seconds=2)
+    assert signal.report(0.0, 0, 0) == {ONLINE_TOKENS: 0, ONLINE_TOKENS_CAPPED: 0, ONLINE_REQUESTS: 0,
+                                        BACKGROUND_TOKENS: 0, TOKENS_PER_S: 1000, MEASURED: 0}
+    signal.hold("a", 500, background=False)
+    signal.hold("b", 300, background=False)
+    signal.hold("c", 7000, background=True)
+    signal.run_started(1.0, counter=100, keys=["a"], background=False)
+    # 2 s into the run the engine has computed 200 of its 500 tokens: 100 tokens/s, so a job counts at most 200.
     report = signal.report(3.0, counter=300, online_requests=2)
-    assert report[ONLINE_TOKENS] == 600 and report[BACKGROUND_TOKENS] == 7000
-    assert report[TOKENS_PER_S] == 100 and report[MEASURED] == 1
+    assert report[ONLINE_TOKENS] == 300 + 300 and report[ONLINE_TOKENS_CAPPED] == 200 + 200
+    assert report[BACKGROUND_TOKENS] == 7000 and report[TOKENS_PER_S] == 100 and report[MEASURED] == 1
     signal.run_ended(4.0, tokens=500, seconds=3.0)
-    signal.release(500, background=False)
+    signal.release("a")
     assert signal.report(4.0, 600, 1)[ONLINE_TOKENS] == 300
     # A window without runs falls back to the replica's whole life, not to the estimate.
     assert signal.report(100.0, 600, 1)[TOKENS_PER_S] == pytest.approx(500 / 3)
+    # The 300 online tokens wait behind the background pass, 1,000 of its 7,000 tokens computed: the other 6,000
+    # are ahead of the online work, so they count as online.
+    signal.run_started(100.0, counter=600, keys=["c"], background=True)
+    report = signal.report(101.0, counter=1600, online_requests=1)
+    assert report[ONLINE_TOKENS] == 300 + 6000 and report[BACKGROUND_TOKENS] == 0
+    signal.release("b")
+    report = signal.report(101.0, counter=1600, online_requests=0)
+    assert report[ONLINE_TOKENS] == 0 and report[BACKGROUND_TOKENS] == 6000
 
 
 def test_the_replica_reports_its_signal(tiny_reranker_path):

@@ -10,7 +10,11 @@ pushes them to the controller every metrics_interval_s; the policy sees each one
 look-back window by the deployment's aggregation function (time-weighted mean), in `ctx.aggregated_metrics`:
 
     online_tokens      tokens of online requests the replica holds: waiting (Serve's batch queue, the engine queue)
-                       plus what remains of the running pass, read from the engine's own counter of computed tokens
+                       plus what remains of the running pass, read from the engine's own counter of computed tokens;
+                       while online requests wait behind a background pass, that pass's rest counts here too (it is
+                       ahead of them), not in background_tokens
+    online_tokens_capped  the same, each waiting request and the running pass counted at most as the tokens this
+                       replica computes in target_queue_seconds (see below)
     online_requests    online requests inside the replica
     background_tokens  the same as online_tokens for background work (Batch API lines), counted apart
     tokens_per_s       tokens the engine computed per second it was busy, over the look-back window (the replica's
@@ -25,10 +29,17 @@ The policy (`QueuedWorkPolicy`, selected by a model's `autoscaling.queued_work`)
 online tokens held (plus the requests waiting at callers, at the mean tokens of a held request) drain within
 `target_queue_seconds` at the mean replica's tokens_per_s:
 
-    wanted = online_tokens / (tokens_per_s x target_queue_seconds)
+    wanted = online_tokens_capped / (tokens_per_s x target_queue_seconds)
              [+ background_tokens / (tokens_per_s x background_queue_seconds), only when that is configured]
 
-bounded by min/max replicas. Serve wraps every custom policy (ray/serve/autoscaling_policy.py
+Why capped: Serve never moves a request once a replica has it, and an engine pass is not split, so a request (or
+pass) longer than the target cannot drain within it however many replicas run; more replicas only keep the
+requests that come next from waiting behind it. So it counts as one replica fully taken: one 1,000-document rerank
+alone asks for one replica, any work beside it for a second, three of them for three. Uncapped, each would ask for
+its length over the target (a 266 s rerank against a 5 s target: 53 replicas) and hold the maximum for as long as it
+runs, for nothing (bench/autoscaling_sim.py measured both).
+
+The result is bounded by min/max replicas. Serve wraps every custom policy (ray/serve/autoscaling_policy.py
 `_apply_autoscaling_config`) with its upscaling/downscaling factors and its upscale/downscale delays, and bounds
 the result by min/max replicas again: the same smoothing and delays as for its own policy, not re-implemented here.
 Background work alone never adds replicas unless `background_queue_seconds` is set; it only runs on what online
@@ -41,6 +52,7 @@ Imports: only the standard library and serve_app.metrics, because Serve imports 
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from typing import Any
 
@@ -48,6 +60,7 @@ logger = logging.getLogger("ray.serve")
 
 # The custom metrics a replica reports (Serve's names for them in ctx.aggregated_metrics).
 ONLINE_TOKENS = "online_tokens"
+ONLINE_TOKENS_CAPPED = "online_tokens_capped"
 ONLINE_REQUESTS = "online_requests"
 BACKGROUND_TOKENS = "background_tokens"
 TOKENS_PER_S = "tokens_per_s"
@@ -90,29 +103,32 @@ def job_work(job: Any) -> int:
 
 class WorkSignal:
     """One replica's autoscaling signal. Called on the replica's event loop only; the engine thread's progress is
-    read through the counter passed in (the engine's cumulative real tokens), so nothing here is shared with it."""
+    read through the counter passed in (the engine's cumulative real tokens), so nothing here is shared with it.
 
-    def __init__(self, window_s: float, estimated_tokens_per_s: float):
+    Jobs are held by a key (the replica uses id(job)) from when they are tokenized until their result is back; a
+    run is the jobs one engine.run computes. `target_queue_seconds` (the policy's, from the same config) caps what
+    one job or run counts in online_tokens_capped; None: no cap."""
+
+    def __init__(self, window_s: float, estimated_tokens_per_s: float, target_queue_seconds: float | None = None):
         self.window_s = window_s
         self.estimate = estimated_tokens_per_s
-        self.online_tokens = 0
-        self.background_tokens = 0
+        self.target_queue_seconds = target_queue_seconds
+        self.held: dict[Any, tuple[int, bool]] = {}  # key -> (work, background)
         self.total_tokens = 0  # computed by every run that ended, and the engine-busy seconds they took
         self.total_seconds = 0.0
         self._runs: deque[tuple[float, int, float]] = deque()  # (ended at, tokens, seconds) within the window
-        self._run: tuple[float, int, int, bool] | None = None  # (started at, counter then, its work, background)
+        # The running pass: started at, the engine counter then, its jobs' keys, its work, background or not.
+        self._run: tuple[float, int, frozenset, int, bool] | None = None
 
-    def hold(self, work: int, background: bool) -> None:
-        if background:
-            self.background_tokens += work
-        else:
-            self.online_tokens += work
+    def hold(self, key: Any, work: int, background: bool) -> None:
+        self.held[key] = (work, background)
 
-    def release(self, work: int, background: bool) -> None:
-        self.hold(-work, background)
+    def release(self, key: Any) -> None:
+        self.held.pop(key, None)
 
-    def run_started(self, now: float, counter: int, work: int, background: bool) -> None:
-        self._run = (now, counter, work, background)
+    def run_started(self, now: float, counter: int, keys: list, background: bool) -> None:
+        work = sum(self.held[key][0] for key in keys if key in self.held)
+        self._run = (now, counter, frozenset(keys), work, background)
 
     def run_ended(self, now: float, tokens: int, seconds: float) -> None:
         self._run = None
@@ -124,16 +140,14 @@ class WorkSignal:
         """The metrics Serve records for this replica now (the names at the top of this module)."""
         while self._runs and self._runs[0][0] < now - self.window_s:
             self._runs.popleft()
-        online, background = self.online_tokens, self.background_tokens
         tokens = sum(run[1] for run in self._runs)
         seconds = sum(run[2] for run in self._runs)
+        in_run: frozenset = frozenset()
+        remaining, run_background = 0, False
         if self._run is not None:  # the running pass: what it has computed so far is no longer held
-            started, at_start, work, in_background = self._run
+            started, at_start, in_run, work, run_background = self._run
             done = max(0, counter - at_start)
-            if in_background:
-                background -= min(done, work)
-            else:
-                online -= min(done, work)
+            remaining = max(0, work - done)
             tokens += done
             seconds += max(0.0, now - started)
         if seconds >= MIN_MEASURED_S:
@@ -142,8 +156,16 @@ class WorkSignal:
             rate, measured = self.total_tokens / self.total_seconds, 1
         else:
             rate, measured = self.estimate, 0
-        return {ONLINE_TOKENS: float(max(0, online)), ONLINE_REQUESTS: float(online_requests),
-                BACKGROUND_TOKENS: float(max(0, background)), TOKENS_PER_S: float(rate), MEASURED: float(measured)}
+        cap = rate * self.target_queue_seconds if self.target_queue_seconds else math.inf
+        online = [work for key, (work, background) in self.held.items() if not background and key not in in_run]
+        background = sum(work for key, (work, bg) in self.held.items() if bg and key not in in_run)
+        if run_background and not online:
+            background += remaining
+        elif remaining:  # an online pass, or a background pass online work waits behind: it is ahead of that work
+            online.append(remaining)
+        return {ONLINE_TOKENS: float(sum(online)), ONLINE_TOKENS_CAPPED: float(sum(min(w, cap) for w in online)),
+                ONLINE_REQUESTS: float(online_requests), BACKGROUND_TOKENS: float(background),
+                TOKENS_PER_S: float(rate), MEASURED: float(measured)}
 
 
 def wanted_replicas(online_tokens: float, background_tokens: float, tokens_per_s: float,
@@ -175,7 +197,8 @@ class QueuedWorkPolicy:
         rates = [rate for replica in reporting if (rate := metrics.get(TOKENS_PER_S, {}).get(replica, 0.0)) > 0]
         if not rates:  # no replica has reported yet (starting up): keep what Serve is steering to
             return ctx.target_num_replicas, {}
-        online = sum(online_by[replica] for replica in reporting)
+        capped_by = metrics.get(ONLINE_TOKENS_CAPPED, {})
+        online = sum(capped_by.get(replica, online_by[replica]) for replica in reporting)
         background = sum(metrics.get(BACKGROUND_TOKENS, {}).get(replica, 0.0) for replica in reporting)
         requests = sum(metrics.get(ONLINE_REQUESTS, {}).get(replica, 0.0) for replica in reporting)
         waiting_at_callers = ctx.total_queued_requests or 0.0  # past max_ongoing_requests, not in any replica

@@ -112,7 +112,9 @@ class ModelServer:
                        "padded_slots": 0, "micro_batches": 0}
         self._probe_job = self._tokenize_probe()
         self.metrics = ModelMetrics(self.config.name)
-        self.work = WorkSignal(self._look_back_s(), self._estimated_tokens_per_s())
+        queued_work = self.config.deployment.autoscaling and self.config.deployment.autoscaling.queued_work
+        self.work = WorkSignal(self._look_back_s(), self._estimated_tokens_per_s(),
+                               queued_work.target_queue_seconds if queued_work else None)
 
     # ---- configuration ------------------------------------------------------------------------------------
 
@@ -241,12 +243,11 @@ class ModelServer:
         return not self._busy and not self._engine_queue
 
     async def _submit(self, job, background: bool = False):
-        work = job_work(job)
-        self.work.hold(work, background)
+        self.work.hold(id(job), job_work(job), background)
         try:
             return await self._submit_held(job, background)
         finally:
-            self.work.release(work, background)
+            self.work.release(id(job))
 
     async def _submit_held(self, job, background: bool):
         if background:
@@ -322,7 +323,7 @@ class ModelServer:
                 self._busy += 1
                 self._running = len(taken)
                 counter_before = self.engine.work.real_tokens  # the engine thread is idle here
-                self.work.run_started(time.monotonic(), counter_before, sum(job_work(job) for job, _ in taken),
+                self.work.run_started(time.monotonic(), counter_before, [id(job) for job, _ in taken],
                                       queue is self._background_queue)
                 started = time.monotonic()
                 try:
