@@ -5,7 +5,7 @@ A discrete-event simulation of one model deployment as this project runs it, wit
   trace      one-text queries, 8-document reranks and 1,000-document reranks arriving as Poisson streams whose rates
              rise and fall (low, rising, peak, falling, low), and a bulk Batch API job of 8-document lines in the
              background, sent as the batch runner sends them (`--batch-in-flight` lines in flight, the next when one
-             ends). The same trace (one seed) goes through every run.
+             ends). Every policy replays the same traces (one per seed).
   routing    Serve's power of two choices on requests in flight per replica (background lines count, as they do in
              Serve), up to max_ongoing_requests per replica; past that a request waits at the caller.
   replica    the ModelServer engine loop: whenever the engine is free it takes every online job queued (up to
@@ -32,8 +32,8 @@ figure (no GPU yet), so the trace's sizes and rates are set for it: a replica is
 time is its tokens / that rate: on this CPU, cost per token was flat from one-document requests to 32-document
 batches (BENCHMARKS.md, "Serving": 87-113 ms for a one-document rerank on 4 of 28 layers, the same rate).
 
-    python bench/autoscaling_sim.py                       # about a minute
-    python bench/autoscaling_sim.py --hours 0.5 --request-targets 2 8
+    python bench/autoscaling_sim.py                       # 3 traces x 11 policies: a few minutes
+    python bench/autoscaling_sim.py --hours 0.5 --seeds 1 --target-queue-s 1 --request-targets 2 8
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ from ray.serve.config import AutoscalingContext  # noqa: E402
 
 from serve_app.config import AutoscalingConfig, BatchingConfig  # noqa: E402
 from serve_app.replica.autoscaling import (BACKGROUND_TOKENS, ONLINE_REQUESTS, ONLINE_TOKENS,  # noqa: E402
-                                           ONLINE_TOKENS_CAPPED, TOKENS_PER_S, WorkSignal, estimated_tokens_per_s)
+                                           TOKENS_PER_S, WorkSignal, estimated_tokens_per_s)
 
 MEASURED_TOKENS_PER_S = 14873 / 79.12  # BENCHMARKS.md: shape-true 0.6B rerank 1 x 32, 2-core CPU
 # The per-device estimate a new replica reports before it has measured itself (Qwen3-0.6B, CPU, 2 threads).
@@ -138,14 +138,10 @@ def make_trace(hours: float, seed: int, batch_lines: int, batch_start_s: float) 
 
 
 class Simulation:
-    def __init__(self, args, autoscaling: dict, trace: tuple[list[Job], float, int], seed: int,
-                 capped: bool = True):
+    def __init__(self, args, autoscaling: dict, trace: tuple[list[Job], float, int], seed: int):
         self.args = args
-        self.capped = capped  # False: the policy sees online_tokens uncapped (each request its full length)
         self.rate = args.tokens_per_s
-        validated = AutoscalingConfig.model_validate(autoscaling)
-        self.target_queue_seconds = validated.queued_work.target_queue_seconds if validated.queued_work else None
-        options = validated.serve_options()
+        options = AutoscalingConfig.model_validate(autoscaling).serve_options()
         self.config = ServeAutoscalingConfig.model_validate(options)
         self.policy = _resolve_policy_callable(self.config.policy)
         self.policy_state: dict = {}
@@ -258,8 +254,7 @@ class Simulation:
         for replica in running:
             if not replica.pushed:
                 continue
-            names = (ONLINE_TOKENS, ONLINE_REQUESTS, BACKGROUND_TOKENS, TOKENS_PER_S, "ongoing")
-            for name in names + ((ONLINE_TOKENS_CAPPED,) if self.capped else ()):
+            for name in (ONLINE_TOKENS, ONLINE_REQUESTS, BACKGROUND_TOKENS, TOKENS_PER_S, "ongoing"):
                 value = self.average([(s, r[name]) for s, r in replica.pushed], t)
                 if name == "ongoing":
                     total_requests += value
@@ -299,8 +294,7 @@ class Simulation:
 
     def start_replica(self, t: float, ready: bool = False) -> None:
         ready_at = t if ready else t + self.args.startup_s
-        replica = Replica(len(self.replicas), t, ready_at,
-                          WorkSignal(self.look_back, ESTIMATE, self.target_queue_seconds),
+        replica = Replica(len(self.replicas), t, ready_at, WorkSignal(self.look_back, ESTIMATE),
                           next_push=ready_at + self.rng.uniform(0, self.interval))
         self.replicas.append(replica)
         if not ready:
@@ -376,7 +370,12 @@ class Simulation:
         for job in self.done:
             waits.setdefault(job.kind, []).append(job.started - job.arrived)
         small = [w for kind in SMALL for w in waits.get(kind, [])]
+        slow = {}
+        for job in self.done:
+            if job.kind in SMALL and job.started - job.arrived > self.args.slow_s:
+                slow[job.behind] = slow.get(job.behind, 0) + 1
         return {"replica_s": sum(r.stopped - r.created for r in self.replicas), "waits": waits, "small": small,
+                "slow": slow,
                 "peak": self.peak, "batch_done_at": self.batch_done_at, "end": end}
 
 
@@ -401,7 +400,8 @@ def row(name: str, result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hours", type=float, default=2.0, help="trace length (its phases scale with it)")
-    parser.add_argument("--seed", type=int, default=27)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[27, 28, 29],
+                        help="one trace per seed; each policy runs every trace and its results are pooled")
     parser.add_argument("--tokens-per-s", type=float, default=MEASURED_TOKENS_PER_S,
                         help="engine throughput of one replica (default: the measured CPU 0.6B figure)")
     parser.add_argument("--startup-s", type=float, default=20.0, help="a new replica's time until it serves")
@@ -413,51 +413,71 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--look-back-s", type=float, default=30.0)
     parser.add_argument("--metrics-interval-s", type=float, default=10.0)
     parser.add_argument("--tick-s", type=float, default=1.0, help="decision period (Serve: 0.1 s)")
-    parser.add_argument("--target-queue-s", type=float, nargs="+", default=[5.0],
+    parser.add_argument("--target-queue-s", type=float, nargs="+", default=[0.5, 1, 2, 5],
                         help="queued_work.target_queue_seconds to run")
-    parser.add_argument("--request-targets", type=float, nargs="+", default=[0.5, 1, 2, 4, 8, 16],
+    parser.add_argument("--request-targets", type=float, nargs="+", default=[0.25, 0.5, 1, 2, 4, 8, 16],
                         help="target_ongoing_requests values to sweep")
     parser.add_argument("--batch-lines", type=int, default=1500, help="8-document lines of the background batch")
     parser.add_argument("--batch-start-s", type=float, default=600.0)
     parser.add_argument("--batch-in-flight", type=int, default=16, help="batches.max_in_flight_per_model")
     parser.add_argument("--background-grace-ms", type=float, default=100.0)
-    parser.add_argument("--uncapped", action="store_true",
-                        help="also run the queued-work policy on uncapped online tokens (each request its full length)")
+    parser.add_argument("--slow-s", type=float, default=5.0, help="waits past this are broken down by cause")
     args = parser.parse_args(argv)
 
-    trace = make_trace(args.hours, args.seed, args.batch_lines, args.batch_start_s)
-    counts = {kind: sum(job.kind == kind for job in trace[0]) for kind in KINDS}
-    offered = sum(job.tokens for job in trace[0]) + args.batch_lines * KINDS["batch-line"]
-    print(f"# trace: {args.hours:g} h, seed {args.seed}: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n)
-          + f", {args.batch_lines} background lines from {args.batch_start_s:g} s; tokens: "
-          + ", ".join(f"{k} {v}" for k, v in KINDS.items()))
+    traces = {seed: make_trace(args.hours, seed, args.batch_lines, args.batch_start_s) for seed in args.seeds}
+    for seed, trace in traces.items():
+        counts = {kind: sum(job.kind == kind for job in trace[0]) for kind in KINDS}
+        offered = sum(job.tokens for job in trace[0]) + args.batch_lines * KINDS["batch-line"]
+        print(f"# trace seed {seed}: {args.hours:g} h, " + ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+              + f", {args.batch_lines} background lines from {args.batch_start_s:g} s; offered work "
+              f"{offered / args.tokens_per_s:.0f} replica-seconds")
+    print("# tokens per request: " + ", ".join(f"{k} {v}" for k, v in KINDS.items()))
     print(f"# replica: {args.tokens_per_s:.1f} tokens/s (estimate before measuring {ESTIMATE:.1f}), start-up "
-          f"{args.startup_s:g} s, max_ongoing_requests {args.max_ongoing}; offered work {offered / args.tokens_per_s:.0f} "
-          f"replica-seconds in {trace[1]:.0f} s")
+          f"{args.startup_s:g} s, max_ongoing_requests {args.max_ongoing}, background lines in flight "
+          f"{args.batch_in_flight}")
     print(f"# autoscaling: replicas {args.min_replicas}-{args.max_replicas}, delays up {args.upscale_delay_s:g} s / "
           f"down {args.downscale_delay_s:g} s, look-back {args.look_back_s:g} s, metrics every "
           f"{args.metrics_interval_s:g} s, decisions every {args.tick_s:g} s")
+    print(f"# results pooled over the {len(traces)} traces: replica-seconds summed, waits together, batch end the latest")
     print(f"{'policy':<26} {'replica-s':>10} {'peak':>4} {'query p50/p99 s':>16} {'rerank-8 p50/p99':>16} "
           f"{'rerank-1000 p50/p99':>16} {'small p99':>8} {'batch end':>9}")
     common = {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
               "upscale_delay_s": args.upscale_delay_s, "downscale_delay_s": args.downscale_delay_s,
               "look_back_period_s": args.look_back_s, "metrics_interval_s": args.metrics_interval_s}
+    def pooled(autoscaling: dict) -> dict:
+        results = [Simulation(args, autoscaling, trace, seed).run() for seed, trace in traces.items()]
+        waits: dict[str, list[float]] = {}
+        for result in results:
+            for kind, values in result["waits"].items():
+                waits.setdefault(kind, []).extend(values)
+        ends = [result["batch_done_at"] for result in results]
+        slow: dict[str, int] = {}
+        for result in results:
+            for cause, count in result["slow"].items():
+                slow[cause] = slow.get(cause, 0) + count
+        return {"replica_s": sum(result["replica_s"] for result in results), "waits": waits, "slow": slow,
+                "small": [w for result in results for w in result["small"]],
+                "peak": max(result["peak"] for result in results),
+                "batch_done_at": None if None in ends else max(ends)}
+
     started = time.perf_counter()
     work_results = {}
     for target in args.target_queue_s:
-        result = Simulation(args, {**common, "queued_work": {"target_queue_seconds": target}}, trace, args.seed).run()
+        result = pooled({**common, "queued_work": {"target_queue_seconds": target}})
         work_results[target] = result
         print(row(f"queued work {target:g} s", result), flush=True)
-        if args.uncapped:
-            result = Simulation(args, {**common, "queued_work": {"target_queue_seconds": target}}, trace, args.seed,
-                                capped=False).run()
-            print(row(f"  uncapped {target:g} s", result), flush=True)
     request_results = {}
     for target in args.request_targets:
-        result = Simulation(args, {**common, "target_ongoing_requests": target}, trace, args.seed).run()
+        result = pooled({**common, "target_ongoing_requests": target})
         request_results[target] = result
         print(row(f"request count {target:g}", result), flush=True)
     print(f"# simulated in {time.perf_counter() - started:.1f} s")
+    print(f"small requests that waited over {args.slow_s:g} s, by what their replica was running when they reached it:")
+    for name, result in [*((f"queued work {t:g} s", r) for t, r in work_results.items()),
+                         *((f"request count {t:g}", r) for t, r in request_results.items())]:
+        causes = sorted(result["slow"].items(), key=lambda item: -item[1])
+        print(f"  {name:<24} {sum(result['slow'].values()):>5} of {len(result['small'])}: "
+              + ", ".join(f"{count} {cause}" for cause, count in causes))
     for target, work in work_results.items():
         p99 = percentile(work["small"], 0.99)
         matching = [(r["replica_s"], t) for t, r in request_results.items() if percentile(r["small"], 0.99) <= p99]

@@ -20,8 +20,7 @@ from ray.serve.config import AutoscalingContext
 
 from serve_app.config import AutoscalingConfig, ModelConfig, ServeConfigFile
 from serve_app.replica.autoscaling import (BACKGROUND_TOKENS, MEASURED, ONLINE_REQUESTS, ONLINE_TOKENS,
-                                           ONLINE_TOKENS_CAPPED, TOKENS_PER_S, QueuedWorkPolicy, WorkSignal,
-                                           estimated_tokens_per_s)
+                                           TOKENS_PER_S, QueuedWorkPolicy, WorkSignal, estimated_tokens_per_s)
 
 MEASURED_RATE = 60_000.0  # tokens/s, the tiny reranker's engine on this machine
 HUGE, TINY = 40_000, 20  # tokens held by one 400-document rerank and by one one-document rerank
@@ -69,9 +68,9 @@ class Deployment:
         return self.target
 
 
-def held(online: list[int] = (), background: list[int] = (), target_queue_seconds: float = 0.5) -> dict:
+def held(online: list[int] = (), background: list[int] = ()) -> dict:
     """What a replica reports (its own WorkSignal) holding these jobs, after a second of measured work."""
-    signal = WorkSignal(window_s=30, estimated_tokens_per_s=1, target_queue_seconds=target_queue_seconds)
+    signal = WorkSignal(window_s=30, estimated_tokens_per_s=1)
     signal.run_started(0.0, 0, [], background=False)
     signal.run_ended(1.0, int(MEASURED_RATE), 1.0)
     for key, work in enumerate(online):
@@ -99,22 +98,9 @@ def test_a_few_huge_requests_scale_up_where_the_request_count_does_not(clock):
     three_huge = [held(online=[HUGE] * 3)]
     assert work.tick(three_huge) == 1 and requests.tick(three_huge, total_requests=3) == 1  # upscale delay first
     clock.now += 10
-    # Each 40,000-token request takes 0.67 s at 60,000/s, past the 0.5 s target: each takes a whole replica, so
-    # three want three. Three requests are far below 16 per replica.
-    assert work.tick(three_huge) == 3
+    # 120,000 tokens at 60,000/s is 2 s of work against a 0.5 s target: 4 replicas; 3 requests are far below 16.
+    assert work.tick(three_huge) == 4
     assert requests.tick(three_huge, total_requests=3) == 1
-
-
-def test_one_huge_request_takes_one_replica_and_work_beside_it_a_second(clock):
-    """A request longer than the target cannot drain within it however many replicas run (Serve never moves it),
-    so it counts as one replica fully taken, not as its length over the target; anything beside it needs more."""
-    alone, beside = Deployment(WORK, replicas=1), Deployment(WORK, replicas=1)
-    assert held(online=[HUGE])[ONLINE_TOKENS] == HUGE and held(online=[HUGE])[ONLINE_TOKENS_CAPPED] == 30_000
-    for _ in range(2):
-        alone.tick([held(online=[HUGE])])
-        beside.tick([held(online=[HUGE, TINY])])
-        clock.now += 10
-    assert alone.target == 1 and beside.target == 2
 
 
 def test_many_tiny_requests_that_one_replica_serves_stay_on_one(clock):
@@ -130,7 +116,7 @@ def test_many_tiny_requests_that_one_replica_serves_stay_on_one(clock):
 def test_a_draining_queue_scales_down_only_after_the_downscale_delay(clock):
     work = Deployment(WORK, replicas=4)
     busy = [held(online=[HUGE])] * 4
-    assert work.tick(busy) == 4  # each replica fully taken by a request longer than the target
+    assert work.tick(busy) == 4  # 160,000 tokens: 2.7 s of work for 4 replicas against 0.5 s
     drained = [held()] * 4
     assert work.tick(drained) == 4
     clock.now += 59
@@ -173,16 +159,16 @@ def test_no_signal_yet_keeps_the_target(clock):
 
 
 def test_the_signal_counts_queued_and_running_tokens_apart_and_measures_throughput():
-    signal = WorkSignal(window_s=30, estimated_tokens_per_s=1000, target_queue_seconds=2)
-    assert signal.report(0.0, 0, 0) == {ONLINE_TOKENS: 0, ONLINE_TOKENS_CAPPED: 0, ONLINE_REQUESTS: 0,
-                                        BACKGROUND_TOKENS: 0, TOKENS_PER_S: 1000, MEASURED: 0}
+    signal = WorkSignal(window_s=30, estimated_tokens_per_s=1000)
+    assert signal.report(0.0, 0, 0) == {ONLINE_TOKENS: 0, ONLINE_REQUESTS: 0, BACKGROUND_TOKENS: 0,
+                                        TOKENS_PER_S: 1000, MEASURED: 0}
     signal.hold("a", 500, background=False)
     signal.hold("b", 300, background=False)
     signal.hold("c", 7000, background=True)
     signal.run_started(1.0, counter=100, keys=["a"], background=False)
-    # 2 s into the run the engine has computed 200 of its 500 tokens: 100 tokens/s, so a job counts at most 200.
+    # 2 s into the run the engine has computed 200 of its 500 tokens (100 tokens/s).
     report = signal.report(3.0, counter=300, online_requests=2)
-    assert report[ONLINE_TOKENS] == 300 + 300 and report[ONLINE_TOKENS_CAPPED] == 200 + 200
+    assert report[ONLINE_TOKENS] == 300 + 300
     assert report[BACKGROUND_TOKENS] == 7000 and report[TOKENS_PER_S] == 100 and report[MEASURED] == 1
     signal.run_ended(4.0, tokens=500, seconds=3.0)
     signal.release("a")

@@ -13,8 +13,6 @@ look-back window by the deployment's aggregation function (time-weighted mean), 
                        plus what remains of the running pass, read from the engine's own counter of computed tokens;
                        while online requests wait behind a background pass, that pass's rest counts here too (it is
                        ahead of them), not in background_tokens
-    online_tokens_capped  the same, each waiting request and the running pass counted at most as the tokens this
-                       replica computes in target_queue_seconds (see below)
     online_requests    online requests inside the replica
     background_tokens  the same as online_tokens for background work (Batch API lines), counted apart
     tokens_per_s       tokens the engine computed per second it was busy, over the look-back window (the replica's
@@ -29,15 +27,14 @@ The policy (`QueuedWorkPolicy`, selected by a model's `autoscaling.queued_work`)
 online tokens held (plus the requests waiting at callers, at the mean tokens of a held request) drain within
 `target_queue_seconds` at the mean replica's tokens_per_s:
 
-    wanted = online_tokens_capped / (tokens_per_s x target_queue_seconds)
+    wanted = online_tokens / (tokens_per_s x target_queue_seconds)
              [+ background_tokens / (tokens_per_s x background_queue_seconds), only when that is configured]
 
-Why capped: Serve never moves a request once a replica has it, and an engine pass is not split, so a request (or
-pass) longer than the target cannot drain within it however many replicas run; more replicas only keep the
-requests that come next from waiting behind it. So it counts as one replica fully taken: one 1,000-document rerank
-alone asks for one replica, any work beside it for a second, three of them for three. Uncapped, each would ask for
-its length over the target (a 266 s rerank against a 5 s target: 53 replicas) and hold the maximum for as long as it
-runs, for nothing (bench/autoscaling_sim.py measured both).
+A request longer than the target counts in full: one 266 s rerank against a 5 s target asks for the maximum. Serve
+never moves a request once a replica has it, so this does not speed that request up; what the replicas buy is
+room for the requests that come next, which Serve's router (power of two choices on requests in flight) would
+otherwise send to the replica busy with it, since one request in flight looks light. Counting each request at most
+as one target's worth was tried and measured worse (bench/autoscaling_sim.py; BENCHMARKS.md, "Autoscaling").
 
 The result is bounded by min/max replicas. Serve wraps every custom policy (ray/serve/autoscaling_policy.py
 `_apply_autoscaling_config`) with its upscaling/downscaling factors and its upscale/downscale delays, and bounds
@@ -52,7 +49,6 @@ Imports: only the standard library and serve_app.metrics, because Serve imports 
 from __future__ import annotations
 
 import logging
-import math
 from collections import deque
 from typing import Any
 
@@ -60,7 +56,6 @@ logger = logging.getLogger("ray.serve")
 
 # The custom metrics a replica reports (Serve's names for them in ctx.aggregated_metrics).
 ONLINE_TOKENS = "online_tokens"
-ONLINE_TOKENS_CAPPED = "online_tokens_capped"
 ONLINE_REQUESTS = "online_requests"
 BACKGROUND_TOKENS = "background_tokens"
 TOKENS_PER_S = "tokens_per_s"
@@ -106,13 +101,11 @@ class WorkSignal:
     read through the counter passed in (the engine's cumulative real tokens), so nothing here is shared with it.
 
     Jobs are held by a key (the replica uses id(job)) from when they are tokenized until their result is back; a
-    run is the jobs one engine.run computes. `target_queue_seconds` (the policy's, from the same config) caps what
-    one job or run counts in online_tokens_capped; None: no cap."""
+    run is the jobs one engine.run computes."""
 
-    def __init__(self, window_s: float, estimated_tokens_per_s: float, target_queue_seconds: float | None = None):
+    def __init__(self, window_s: float, estimated_tokens_per_s: float):
         self.window_s = window_s
         self.estimate = estimated_tokens_per_s
-        self.target_queue_seconds = target_queue_seconds
         self.held: dict[Any, tuple[int, bool]] = {}  # key -> (work, background)
         self.total_tokens = 0  # computed by every run that ended, and the engine-busy seconds they took
         self.total_seconds = 0.0
@@ -156,15 +149,13 @@ class WorkSignal:
             rate, measured = self.total_tokens / self.total_seconds, 1
         else:
             rate, measured = self.estimate, 0
-        cap = rate * self.target_queue_seconds if self.target_queue_seconds else math.inf
         online = [work for key, (work, background) in self.held.items() if not background and key not in in_run]
         background = sum(work for key, (work, bg) in self.held.items() if bg and key not in in_run)
         if run_background and not online:
             background += remaining
         elif remaining:  # an online pass, or a background pass online work waits behind: it is ahead of that work
             online.append(remaining)
-        return {ONLINE_TOKENS: float(sum(online)), ONLINE_TOKENS_CAPPED: float(sum(min(w, cap) for w in online)),
-                ONLINE_REQUESTS: float(online_requests), BACKGROUND_TOKENS: float(background),
+        return {ONLINE_TOKENS: float(sum(online)), ONLINE_REQUESTS: float(online_requests), BACKGROUND_TOKENS: float(background),
                 TOKENS_PER_S: float(rate), MEASURED: float(measured)}
 
 
@@ -197,8 +188,7 @@ class QueuedWorkPolicy:
         rates = [rate for replica in reporting if (rate := metrics.get(TOKENS_PER_S, {}).get(replica, 0.0)) > 0]
         if not rates:  # no replica has reported yet (starting up): keep what Serve is steering to
             return ctx.target_num_replicas, {}
-        capped_by = metrics.get(ONLINE_TOKENS_CAPPED, {})
-        online = sum(capped_by.get(replica, online_by[replica]) for replica in reporting)
+        online = sum(online_by[replica] for replica in reporting)
         background = sum(metrics.get(BACKGROUND_TOKENS, {}).get(replica, 0.0) for replica in reporting)
         requests = sum(metrics.get(ONLINE_REQUESTS, {}).get(replica, 0.0) for replica in reporting)
         waiting_at_callers = ctx.total_queued_requests or 0.0  # past max_ongoing_requests, not in any replica

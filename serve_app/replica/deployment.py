@@ -112,9 +112,7 @@ class ModelServer:
                        "padded_slots": 0, "micro_batches": 0}
         self._probe_job = self._tokenize_probe()
         self.metrics = ModelMetrics(self.config.name)
-        queued_work = self.config.deployment.autoscaling and self.config.deployment.autoscaling.queued_work
-        self.work = WorkSignal(self._look_back_s(), self._estimated_tokens_per_s(),
-                               queued_work.target_queue_seconds if queued_work else None)
+        self.work = WorkSignal(self._look_back_s(), self._estimated_tokens_per_s())
 
     # ---- configuration ------------------------------------------------------------------------------------
 
