@@ -35,6 +35,7 @@ def test_prod_serves_all_six_models_on_gpu_fractions_with_autoscaling():
     assert sorted(m.source for m in models) == sorted(f"Qwen/Qwen3-{kind}-{size}" for kind in ("Reranker", "Embedding")
                                                       for size in ("0.6B", "4B", "8B"))
     assert all(0 < m.deployment.num_gpus < 1 and m.deployment.autoscaling for m in models)
+    assert all(m.deployment.autoscaling.queued_work for m in models)  # every model scales on its queued work
     assert sum(m.deployment.num_gpus for m in models) <= 1.0  # one replica of each fits one GPU
     gateway = GatewayConfig.model_validate(raw("prod")["applications"][0]["args"])
     assert gateway.deployment.autoscaling.min_replicas >= 2
