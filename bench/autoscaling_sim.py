@@ -32,7 +32,7 @@ figure (no GPU yet), so the trace's sizes and rates are set for it: a replica is
 time is its tokens / that rate: on this CPU, cost per token was flat from one-document requests to 32-document
 batches (BENCHMARKS.md, "Serving": 87-113 ms for a one-document rerank on 4 of 28 layers, the same rate).
 
-    python bench/autoscaling_sim.py                       # 3 traces x 11 policies: a few minutes
+    python bench/autoscaling_sim.py                       # 3 traces x 14 policies: a few minutes
     python bench/autoscaling_sim.py --hours 0.5 --seeds 1 --target-queue-s 1 --request-targets 2 8
 """
 
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tick-s", type=float, default=1.0, help="decision period (Serve: 0.1 s)")
     parser.add_argument("--target-queue-s", type=float, nargs="+", default=[0.5, 1, 2, 5],
                         help="queued_work.target_queue_seconds to run")
-    parser.add_argument("--request-targets", type=float, nargs="+", default=[0.25, 0.5, 1, 2, 4, 8, 16],
+    parser.add_argument("--request-targets", type=float, nargs="+", default=[0.25, 0.35, 0.5, 0.7, 1, 1.4, 2, 4, 8, 16],
                         help="target_ongoing_requests values to sweep")
     parser.add_argument("--batch-lines", type=int, default=1500, help="8-document lines of the background batch")
     parser.add_argument("--batch-start-s", type=float, default=600.0)
@@ -438,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# autoscaling: replicas {args.min_replicas}-{args.max_replicas}, delays up {args.upscale_delay_s:g} s / "
           f"down {args.downscale_delay_s:g} s, look-back {args.look_back_s:g} s, metrics every "
           f"{args.metrics_interval_s:g} s, decisions every {args.tick_s:g} s")
-    print(f"# results pooled over the {len(traces)} traces: replica-seconds summed, waits together, batch end the latest")
+    print(f"# results pooled over the {len(traces)} traces: replica-seconds summed, waits together, "
+          "batch end the latest")
     print(f"{'policy':<26} {'replica-s':>10} {'peak':>4} {'query p50/p99 s':>16} {'rerank-8 p50/p99':>16} "
           f"{'rerank-1000 p50/p99':>16} {'small p99':>8} {'batch end':>9}")
     common = {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
@@ -486,8 +487,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{work['replica_s']:.0f} replica-s")
         if matching:
             cost, best = min(matching)
-            print(f"  request count tuned to that p99 (cheapest with small p99 <= {p99:.2f} s): target_ongoing_requests "
-                  f"{best:g}, {cost:.0f} replica-s -> queued work uses {work['replica_s'] / cost:.2f}x")
+            print(f"  request count tuned to that p99 (cheapest with small p99 <= {p99:.2f} s): "
+                  f"target_ongoing_requests {best:g}, {cost:.0f} replica-s -> queued work uses "
+                  f"{work['replica_s'] / cost:.2f}x")
         else:
             print(f"  no request-count setting swept reached a small-request p99 <= {p99:.2f} s")
     return 0

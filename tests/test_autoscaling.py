@@ -230,7 +230,8 @@ def test_bad_autoscaling_knobs_are_refused_by_name(queued_work, expected):
     config = {"proxy_location": "HeadOnly", "applications": [
         {"name": "gateway", "import_path": "serve_app.app:gateway_app"},
         {"name": "m", "import_path": "serve_app.app:model_app", "args": {
-            "name": "m", "task": "embed", "source": "./x", "deployment": {"autoscaling": {"queued_work": queued_work}}}}]}
+            "name": "m", "task": "embed", "source": "./x",
+            "deployment": {"autoscaling": {"queued_work": queued_work}}}}]}
     with pytest.raises(ValueError) as error:
         ServeConfigFile.model_validate(config)
     assert f"applications.1.args.deployment.autoscaling.{expected}" in str(error.value)
@@ -246,7 +247,8 @@ def test_the_policy_is_selected_in_config_and_serves_stays_selectable():
     assert isinstance(_resolve_policy_callable(ServeAutoscalingConfig.model_validate(work).policy), QueuedWorkPolicy)
     requests = ModelConfig(name="m", task="embed", source="./x", deployment={"autoscaling": {
         "target_ongoing_requests": 4}}).deployment.serve_options()["autoscaling_config"]
-    assert "policy" not in requests and ServeAutoscalingConfig.model_validate(requests).policy.is_default_policy_function()
+    assert "policy" not in requests
+    assert ServeAutoscalingConfig.model_validate(requests).policy.is_default_policy_function()
     with pytest.raises(ValueError, match="target_ongoing_requests is the request-count policy's target"):
         AutoscalingConfig(queued_work={}, target_ongoing_requests=4)
     from serve_app.config import GatewayConfig

@@ -155,8 +155,8 @@ class WorkSignal:
             background += remaining
         elif remaining:  # an online pass, or a background pass online work waits behind: it is ahead of that work
             online.append(remaining)
-        return {ONLINE_TOKENS: float(sum(online)), ONLINE_REQUESTS: float(online_requests), BACKGROUND_TOKENS: float(background),
-                TOKENS_PER_S: float(rate), MEASURED: float(measured)}
+        return {ONLINE_TOKENS: float(sum(online)), ONLINE_REQUESTS: float(online_requests),
+                BACKGROUND_TOKENS: float(background), TOKENS_PER_S: float(rate), MEASURED: float(measured)}
 
 
 def wanted_replicas(online_tokens: float, background_tokens: float, tokens_per_s: float,
