@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import logging
 import math
 import random
 import statistics
@@ -423,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--background-grace-ms", type=float, default=100.0)
     parser.add_argument("--slow-s", type=float, default=5.0, help="waits past this are broken down by cause")
     args = parser.parse_args(argv)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve logs every policy it instantiates
 
     traces = {seed: make_trace(args.hours, seed, args.batch_lines, args.batch_start_s) for seed in args.seeds}
     for seed, trace in traces.items():
