@@ -166,6 +166,10 @@ def test_gateway_modules_never_import_torch():
 
 # ---- the gateway's model table --------------------------------------------------------------------------
 
+async def handle_of(app: str) -> str:
+    return app  # the fake handle is the application's name
+
+
 class FakeServe:
     """Stands in for the Serve controller and the model replicas: which apps run, what they describe."""
 
@@ -188,7 +192,7 @@ class FakeServe:
             return dict(self.apps)
 
         self.listings = 0
-        return ModelDirectory(60, list_apps=list_apps, get_handle=lambda app: app, describe=describe)
+        return ModelDirectory(60, list_apps=list_apps, get_handle=handle_of, describe=describe)
 
 
 def test_directory_resolves_names_aliases_and_refreshes_on_a_miss():
@@ -238,7 +242,7 @@ def test_directory_skips_a_model_that_cannot_describe_itself():
         return fake.facts[app]
 
     async def scenario():
-        directory = ModelDirectory(60, list_apps=lambda: dict(fake.apps), get_handle=lambda a: a, describe=describe)
+        directory = ModelDirectory(60, list_apps=lambda: dict(fake.apps), get_handle=handle_of, describe=describe)
         assert [entry.name for entry in await directory.entries()] == ["ok"]
         broken.clear()  # it answers now: the next listing retries at once, not after the 60 s background refresh
         await asyncio.sleep(0.6)

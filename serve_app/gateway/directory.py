@@ -122,16 +122,20 @@ def configured_names(app: dict[str, Any]) -> tuple[str, ...]:
     return (name, *(alias for alias in aliases if isinstance(alias, str)))
 
 
-def serve_app_handle(app_name: str):
+async def serve_app_handle(app_name: str):
+    """A by-value handle to the application's ingress. get_app_handle asks the controller (blocking), so it runs in
+    a thread; options() sets the handle's router up, which needs this event loop when user code runs on the
+    replica's main loop (RAY_SERVE_THROUGHPUT_OPTIMIZED=1 raises in a thread without one), so it runs here."""
     from ray import serve
 
-    return serve.get_app_handle(app_name).options(_by_reference=False)
+    handle = await asyncio.to_thread(serve.get_app_handle, app_name)
+    return handle.options(_by_reference=False)
 
 
 class ModelDirectory:
     def __init__(self, refresh_s: float, *,
                  list_apps: Callable[[], dict[str, ModelApp]] = serve_model_apps,
-                 get_handle: Callable[[str], Any] = serve_app_handle,
+                 get_handle: Callable[[str], Awaitable[Any]] = serve_app_handle,
                  describe: Callable[[Any], Awaitable[dict]] | None = None):
         self._list_apps = list_apps
         self._get_handle = get_handle
@@ -259,8 +263,7 @@ class ModelDirectory:
 
     async def _describe_app(self, app_name: str, deployed_at: float) -> ModelEntry | None:
         async def handle_and_facts():
-            # get_app_handle asks the controller (blocking): off the event loop, and under the same timeout.
-            handle = await asyncio.to_thread(self._get_handle, app_name)
+            handle = await self._get_handle(app_name)  # under the same timeout as describe()
             return handle, await self._describe(handle)
 
         try:
