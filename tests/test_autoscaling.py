@@ -3,8 +3,8 @@
 
 Contexts are Serve's AutoscalingContext with the per-replica metrics the controller aggregates over the look-back
 window. Their numbers are the tiny reranker's, as recorded from a replica (plain class, 2 shared cores): a rerank of
-400 documents of 30 words holds ~40,000 tokens, one of one short document ~20; the engine measured 52,000 to
-75,000 tokens per second.
+400 documents of 90 words holds 40,862 tokens of engine work, a one-document rerank ("what do pandas eat?" against
+"Pandas eat bamboo.") 81, the instruction prefix included; the engine measured 52,000 to 75,000 tokens per second.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from serve_app.replica.autoscaling import (BACKGROUND_TOKENS, MEASURED, ONLINE_R
                                            TOKENS_PER_S, QueuedWorkPolicy, WorkSignal, estimated_tokens_per_s)
 
 MEASURED_RATE = 60_000.0  # tokens/s, the tiny reranker's engine on this machine
-HUGE, TINY = 40_000, 20  # tokens held by one 400-document rerank and by one one-document rerank
+HUGE, TINY = 40_000, 81  # tokens held by one 400-document rerank and by one one-document rerank
 DEPLOYMENT = DeploymentID(name="ModelServer", app_name="rr")
 
 
@@ -107,7 +107,7 @@ def test_many_tiny_requests_that_one_replica_serves_stay_on_one(clock):
     work, requests = Deployment(WORK, replicas=1), Deployment(REQUESTS, replicas=1)
     sixty_four_tiny = [held(online=[TINY] * 64)]
     for _ in range(2):
-        assert work.tick(sixty_four_tiny) == 1  # 1,280 tokens: 21 ms of work
+        assert work.tick(sixty_four_tiny) == 1  # 5,184 tokens: 86 ms of work
         requests.tick(sixty_four_tiny, total_requests=64)
         clock.now += 10
     assert requests.target == 4  # 64 requests / 16 per replica
