@@ -186,6 +186,8 @@ def test_the_signal_counts_queued_and_running_tokens_apart_and_measures_throughp
 
 
 def test_the_replica_reports_its_signal(tiny_reranker_path):
+    import threading
+
     from serve_app.replica.deployment import ModelServer
 
     server = ModelServer.func_or_class({"name": "r", "task": "rerank", "source": str(tiny_reranker_path),
@@ -193,24 +195,26 @@ def test_the_replica_reports_its_signal(tiny_reranker_path):
     # Over max_batch_tokens: the job skips @serve.batch (which needs a running Serve replica).
     server.reconfigure({"max_batch_tokens": 256})
     documents = ["a long document about pandas and bamboo " * 20] * 200
+    gate = threading.Event()
 
     async def scenario():
         before = await server.record_autoscaling_stats()
+        server._engine_thread.submit(gate.wait)  # the engine thread cannot start the pass until the gate opens
         running = asyncio.create_task(server.rerank("q", documents))
-        reports = []
-        while not running.done():
-            reports.append(await server.record_autoscaling_stats())
-            await asyncio.sleep(0.01)
+        while not server._busy:  # the engine loop has taken the job: its pass is due
+            await asyncio.sleep(0.005)
+        held = await server.record_autoscaling_stats()
+        gate.set()
         await running
-        return before, reports, await server.record_autoscaling_stats()
+        return before, held, await server.record_autoscaling_stats()
 
-    before, during, after = asyncio.run(scenario())
+    before, held, after = asyncio.run(scenario())
     assert before[MEASURED] == 0 and before[TOKENS_PER_S] == server.work.estimate
     job = server.engine.tokenize("q", documents)
-    work = len(job.head_ids) + sum(map(len, job.tail_ids))
-    assert max(report[ONLINE_TOKENS] for report in during) == work  # held whole before its pass starts
+    assert held[ONLINE_TOKENS] == len(job.head_ids) + sum(map(len, job.tail_ids)) and held[ONLINE_REQUESTS] == 1
     assert after[ONLINE_TOKENS] == 0 and after[ONLINE_REQUESTS] == 0 and after[MEASURED] == 1
-    assert after[TOKENS_PER_S] == pytest.approx(work / server.work.total_seconds)
+    assert after[TOKENS_PER_S] == pytest.approx(server.work.total_tokens / server.work.total_seconds)
+    assert server.work.total_tokens == held[ONLINE_TOKENS]  # what the engine computed is what was held
 
 
 def test_the_per_device_estimate():
