@@ -20,7 +20,8 @@ from ray.serve.config import AutoscalingContext
 
 from serve_app.config import AutoscalingConfig, ModelConfig, ServeConfigFile
 from serve_app.replica.autoscaling import (BACKGROUND_TOKENS, MEASURED, ONLINE_REQUESTS, ONLINE_TOKENS,
-                                           TOKENS_PER_S, QueuedWorkPolicy, WorkSignal, estimated_tokens_per_s)
+                                           TOKENS_PER_S, QueuedWorkPolicy, WorkSignal, estimated_tokens_per_s,
+                                           estimated_work)
 
 MEASURED_RATE = 60_000.0  # tokens/s, the tiny reranker's engine on this machine
 HUGE, TINY = 40_000, 81  # tokens held by one 400-document rerank and by one one-document rerank
@@ -195,21 +196,29 @@ def test_the_replica_reports_its_signal(tiny_reranker_path):
     # Over max_batch_tokens: the job skips @serve.batch (which needs a running Serve replica).
     server.reconfigure({"max_batch_tokens": 256})
     documents = ["a long document about pandas and bamboo " * 20] * 200
-    gate = threading.Event()
+    tokenizer_gate, engine_gate = threading.Event(), threading.Event()
 
     async def scenario():
         before = await server.record_autoscaling_stats()
-        server._engine_thread.submit(gate.wait)  # the engine thread cannot start the pass until the gate opens
+        # Neither thread can start the request's step until its gate opens.
+        server._tokenizer_thread.submit(tokenizer_gate.wait)
+        server._engine_thread.submit(engine_gate.wait)
         running = asyncio.create_task(server.rerank("q", documents))
+        while not server._tokenizing:  # handed to the (held) tokenizer thread
+            await asyncio.sleep(0.005)
+        tokenizing = await server.record_autoscaling_stats()
+        tokenizer_gate.set()
         while not server._busy:  # the engine loop has taken the job: its pass is due
             await asyncio.sleep(0.005)
         held = await server.record_autoscaling_stats()
-        gate.set()
+        engine_gate.set()
         await running
-        return before, held, await server.record_autoscaling_stats()
+        return before, tokenizing, held, await server.record_autoscaling_stats()
 
-    before, held, after = asyncio.run(scenario())
+    before, tokenizing, held, after = asyncio.run(scenario())
     assert before[MEASURED] == 0 and before[TOKENS_PER_S] == server.work.estimate
+    size = 1 + sum(map(len, documents))
+    assert tokenizing[ONLINE_TOKENS] == estimated_work(size, len(documents), texts=True)
     job = server.engine.tokenize("q", documents)
     assert held[ONLINE_TOKENS] == len(job.head_ids) + sum(map(len, job.tail_ids)) and held[ONLINE_REQUESTS] == 1
     assert after[ONLINE_TOKENS] == 0 and after[ONLINE_REQUESTS] == 0 and after[MEASURED] == 1

@@ -10,7 +10,8 @@ pushes them to the controller every metrics_interval_s; the policy sees each one
 look-back window by the deployment's aggregation function (time-weighted mean), in `ctx.aggregated_metrics`:
 
     online_tokens      tokens of online requests the replica holds: waiting (Serve's batch queue, the engine queue)
-                       plus what remains of the running pass, read from the engine's own counter of computed tokens;
+                       plus what remains of the running pass, read from the engine's own counter of computed tokens
+                       (a request still being tokenized: estimated from its characters, `estimated_work`);
                        while online requests wait behind a background pass, that pass's rest counts here too (it is
                        ahead of them), not in background_tokens
     online_requests    online requests inside the replica
@@ -82,6 +83,24 @@ def estimated_tokens_per_s(device: str, parameters: int, embedding_parameters: i
     """Tokens per second a replica of this model is assumed to compute on `device` before it has measured it."""
     flops = CUDA_FLOPS if device.startswith("cuda") else CPU_FLOPS_PER_THREAD * max(1, cpu_threads)
     return flops / (2 * max(1, parameters - embedding_parameters))
+
+
+# For a request not tokenized yet: characters per token of text (Qwen3's tokenizer on English prose, about 4) and
+# the reranker prompt's own tokens, once per request (prefix and instruction) and per document (its markers and the
+# suffix): "what do pandas eat?" against "Pandas eat bamboo." is a 65-token head and a 16-token tail, 5 + 5 of them
+# the texts'.
+CHARS_PER_TOKEN = 4
+RERANK_HEAD_TOKENS = 60
+RERANK_DOCUMENT_TOKENS = 11
+
+
+def estimated_work(size: int, documents: int, texts: bool) -> int:
+    """The tokens a request will hold once tokenized, guessed before it is: `size` is its characters of text, or
+    its count of token ids when not `texts`; `documents` a rerank's (0 for embeddings)."""
+    tokens = size // CHARS_PER_TOKEN if texts else size
+    if documents:
+        tokens += RERANK_HEAD_TOKENS + RERANK_DOCUMENT_TOKENS * documents
+    return max(1, tokens)
 
 
 def job_work(job: Any) -> int:

@@ -45,7 +45,7 @@ from models.errors import EngineInputError
 from serve_app.config import MODEL_DEPLOYMENT_NAME, BatchingConfig, ModelConfig
 from serve_app.errors import InternalError, InvalidRequest, Overloaded
 from serve_app.metrics import ModelMetrics
-from serve_app.replica.autoscaling import WorkSignal, estimated_tokens_per_s, job_work
+from serve_app.replica.autoscaling import WorkSignal, estimated_tokens_per_s, estimated_work, job_work
 from serve_app.replica.loading import load_calibration, load_engine
 
 logger = logging.getLogger("ray.serve")
@@ -145,8 +145,9 @@ class ModelServer:
         chunks = max_chunks_per_doc or self.config.max_chunks_per_doc or 1
         with self._admitted(background):
             size = len(query) + sum(map(len, documents))
-            job = await self._tokenize(size, self.engine.tokenize, query, documents, instruction,
-                                       max_tokens_per_doc, truncate, chunks)
+            job = await self._tokenize(size, estimated_work(size, len(documents), texts=True), background,
+                                       self.engine.tokenize, query, documents, instruction, max_tokens_per_doc,
+                                       truncate, chunks)
             result = await self._submit(job, background)
         return {"scores": result.scores, "logits": result.logits, "token_counts": result.token_counts,
                 "windows": result.windows}
@@ -163,8 +164,10 @@ class ModelServer:
                                  "`python -m serve_app.replica.quantization.calibration`); float, base64, binary and "
                                  "ubinary need none", param="embedding_types", code="not_calibrated")
         with self._admitted(background):
-            job = await self._tokenize(sum(map(len, inputs)), self.engine.tokenize, inputs, instruction, dimensions,
-                                       truncate, truncate_side, max_tokens)
+            size = sum(map(len, inputs))
+            texts = not inputs or isinstance(inputs[0], str)  # else token ids: size is their count
+            job = await self._tokenize(size, estimated_work(size, 0, texts), background, self.engine.tokenize,
+                                       inputs, instruction, dimensions, truncate, truncate_side, max_tokens)
             result = await self._submit(job, background)
         answer = {"embeddings": result.embeddings, "token_counts": result.token_counts}
         if with_ranges:
@@ -224,8 +227,11 @@ class ModelServer:
             self._held -= 1
             self._online_seen_at = time.monotonic()
 
-    async def _tokenize(self, size: int, tokenize, *args):
-        """`size` (characters, or token ids) decides where: see INLINE_TOKENIZE_MAX_CHARS."""
+    async def _tokenize(self, size: int, estimate: int, background: bool, tokenize, *args):
+        """`size` (characters, or token ids) decides where: see INLINE_TOKENIZE_MAX_CHARS. Until the job exists, the
+        autoscaling signal holds `estimate` tokens for it (a large request can take seconds to tokenize)."""
+        key = object()
+        self.work.hold(key, estimate, background)
         try:
             if size <= INLINE_TOKENIZE_MAX_CHARS and not self._tokenizing:
                 return tokenize(*args)
@@ -236,6 +242,8 @@ class ModelServer:
                 self._tokenizing -= 1
         except EngineInputError as exc:
             raise InvalidRequest(str(exc), param=exc.param) from None
+        finally:
+            self.work.release(key)
 
     def _engine_idle(self) -> bool:
         return not self._busy and not self._engine_queue
