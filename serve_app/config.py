@@ -390,6 +390,26 @@ class BatchesConfig(Strict):
         return self
 
 
+class DefaultModels(Strict):
+    """The model (served name or alias) of each task that serves requests naming none. A TEI server hosts one model,
+    so TEI clients send no model name: /tei/<model>/... names it in the URL, and the bare TEI paths (/embed, /rerank
+    with `texts`, /tokenize, /decode, /info) use these, as do vLLM's /tokenize, /detokenize and /score bodies without
+    `model`. /embed and /rerank take their task's model; the task-less paths the embed model, else the rerank one.
+    None: such requests get 400 naming the per-model base URLs. Models are found at run time (as every model the
+    gateway serves), so a name no model has is answered 404 at request time, naming the setting."""
+
+    embed: str | None = Field(default=None, min_length=1)
+    rerank: str | None = Field(default=None, min_length=1)
+
+
+class TEIConfig(Strict):
+    """Text Embeddings Inference's routes (serve_app/gateway/tei.py)."""
+
+    # TEI's --auto-truncate: what `truncate` is when a TEI request leaves it out (TEI's default: false, so an input
+    # longer than the model's max_length is refused with 413 rather than cut).
+    auto_truncate: bool = False
+
+
 class GatewayConfig(Strict):
     """The ingress: the args of the `serve_app.app:gateway_app` application."""
 
@@ -398,6 +418,8 @@ class GatewayConfig(Strict):
     database_url: str = "sqlite:///var/qwen3-serve.db"
     auth: AuthConfig = Field(default_factory=AuthConfig)
     batches: BatchesConfig = Field(default_factory=BatchesConfig)
+    default_models: DefaultModels = Field(default_factory=DefaultModels)
+    tei: TEIConfig = Field(default_factory=TEIConfig)
 
     deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(
         num_cpus=0.5, max_ongoing_requests=256, max_queued_requests=1024))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -134,7 +135,8 @@ class ModelServer:
         # The price as decimal text: only text and numbers cross the hop, and the gateway debits by it exactly.
         price = self.config.price.model_dump(mode="json", exclude_none=True) if self.config.price else None
         return {**self.facts, "name": self.config.name, "aliases": list(self.config.aliases),
-                "token_budget": self.engine.token_budget, "price": price}
+                "token_budget": self.engine.token_budget, "max_batch_tokens": self._batching.max_batch_tokens,
+                "max_ongoing_requests": self.config.deployment.max_ongoing_requests, "price": price}
 
     async def rerank(self, query: str, documents: list[str], instruction: str | None = None,
                      max_tokens_per_doc: int | None = None, truncate: bool = True,
@@ -154,9 +156,10 @@ class ModelServer:
 
     async def embed(self, inputs: list[str] | list[list[int]], instruction: str | None = None,
                     dimensions: int | None = None, truncate: bool = True, truncate_side: str = "end",
-                    max_tokens: int | None = None, with_ranges: bool = False, *,
+                    max_tokens: int | None = None, with_ranges: bool = False, normalize: bool = True, *,
                     background: bool = False) -> dict[str, Any]:
-        """`with_ranges`: also return the fixed int8/uint8 ranges (lo, hi) of the request's dimension setting."""
+        """`with_ranges`: also return the fixed int8/uint8 ranges (lo, hi) of the request's dimension setting.
+        `normalize` False: vectors as pooled, not L2-normalised (TEI's normalize: false)."""
         self._require_task("embed")
         if with_ranges and self.calibration is None:
             raise InvalidRequest(f"int8 and uint8 embeddings need fixed quantization ranges, and model "
@@ -167,12 +170,33 @@ class ModelServer:
             size = sum(map(len, inputs))
             texts = not inputs or isinstance(inputs[0], str)  # else token ids: size is their count
             job = await self._tokenize(size, estimated_work(size, 0, texts), background, self.engine.tokenize,
-                                       inputs, instruction, dimensions, truncate, truncate_side, max_tokens)
+                                       inputs, instruction, dimensions, truncate, truncate_side, max_tokens, normalize)
             result = await self._submit(job, background)
         answer = {"embeddings": result.embeddings, "token_counts": result.token_counts}
         if with_ranges:
             answer["ranges"] = self.calibration.ranges(job.dimensions)
         return answer
+
+    async def tokenize(self, texts: list[str], add_special_tokens: bool = True, instruction: str | None = None,
+                       query: str | None = None) -> dict[str, Any]:
+        """Each text's tokens as `embed` / `rerank` compute them, never cut (TEI's and vLLM's /tokenize): with
+        `add_special_tokens`, the instruction and the prompt template are included, so a text's count is what a
+        request is billed for it; `query` (rerankers) is the query the template holds. No forward pass."""
+        if query is not None and self.config.task != "rerank":
+            raise InvalidRequest(f"model {self.config.name!r} is an embed model: query applies to rerankers",
+                                 param="query")
+        options = {"query": query} if self.config.task == "rerank" else {}
+        tokens = await self._tokenize(sum(map(len, texts)), functools.partial(
+            self.engine.text_tokens, texts, instruction=instruction, add_special_tokens=add_special_tokens,
+            **options))
+        return {"max_length": self.engine.max_length,
+                "texts": [{"text": t.text, "ids": t.ids, "pieces": t.pieces, "offsets": t.offsets,
+                           "special": t.special} for t in tokens]}
+
+    async def detokenize(self, sequences: list[list[int]], skip_special_tokens: bool = True) -> dict[str, Any]:
+        """Token ids back to text, one string per sequence (TEI's /decode, vLLM's /detokenize)."""
+        texts = await self._tokenize(sum(map(len, sequences)), self.engine.decode, sequences, skip_special_tokens)
+        return {"texts": texts}
 
     async def stats(self) -> dict[str, Any]:
         """Batching counters (how many jobs shared forward passes), the requests inside this replica now, and where
