@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import os
 import statistics
@@ -85,23 +86,51 @@ def serving_checkpoints(folder: Path, shape: str, layers: int | None) -> dict[st
 ONE_DOCUMENT = ["The garbage collector frees objects once no reference to them is left."]
 
 
-def serve_config(rerank_path: Path, embed_path: Path, port: int, cpus: int, max_wait_ms: float | None, *,
-                 auth: bool = False, database_url: str | None = None) -> dict:
+def model_application(name: str, task: str, path: Path, cpus: int, max_wait_ms: float | None = None) -> dict:
+    """One model's application (no route of its own: the gateway calls it by handle)."""
     batching = {} if max_wait_ms is None else {"max_wait_ms": max_wait_ms}
+    return {"name": name, "route_prefix": None, "import_path": "serve_app.app:model_app",
+            "args": {"name": name, "task": task, "source": str(path), "device": "cpu", "batching": batching,
+                     "deployment": {"num_cpus": cpus, "max_ongoing_requests": 256, "max_queued_requests": -1}}}
+
+
+def stack_config(port: int, models: list[dict], *, auth: bool = False, database_url: str | None = None) -> dict:
+    """Our gateway on `port` in front of the `models` applications."""
     gateway = {"auth": {"enabled": auth}, "deployment": {"num_cpus": 0}}
     if database_url is not None:
         gateway["database_url"] = database_url
-
-    def model(name, task, path):
-        return {"name": name, "route_prefix": None, "import_path": "serve_app.app:model_app",
-                "args": {"name": name, "task": task, "source": str(path), "device": "cpu", "batching": batching,
-                         "deployment": {"num_cpus": cpus, "max_ongoing_requests": 256, "max_queued_requests": -1}}}
-
     return {"http_options": {"host": "127.0.0.1", "port": port},
             "applications": [{"name": "gateway", "route_prefix": "/", "import_path": "serve_app.app:gateway_app",
-                              "args": gateway},
-                             model("bench-reranker", "rerank", rerank_path),
-                             model("bench-embedder", "embed", embed_path)]}
+                              "args": gateway}, *models]}
+
+
+def serve_config(rerank_path: Path, embed_path: Path, port: int, cpus: int, max_wait_ms: float | None, *,
+                 auth: bool = False, database_url: str | None = None) -> dict:
+    return stack_config(port, [model_application("bench-reranker", "rerank", rerank_path, cpus, max_wait_ms),
+                               model_application("bench-embedder", "embed", embed_path, cpus, max_wait_ms)],
+                        auth=auth, database_url=database_url)
+
+
+def start_serve(port: int, num_cpus: int):
+    """A Ray instance of the benchmark's own (never one another process started) with Serve on `port`, started as the
+    tests start theirs (tests/serving.py): behind HAProxy unless the project's switch in this process's environment
+    says otherwise (QWEN3_SERVE_HAPROXY=0: Serve's Python proxy)."""
+    from serve_app.cluster import haproxy
+    from tests.serving import ServeInstance
+
+    return ServeInstance.start_on(port, num_cpus=num_cpus, num_gpus=0, haproxy_on=haproxy.enabled())
+
+
+@contextlib.contextmanager
+def local_serve(port: int, num_cpus: int):
+    """start_serve(), stopped on the way out."""
+    instance = start_serve(port, num_cpus)
+    try:
+        yield instance
+    finally:
+        instance.stop()  # also ends, by its pid file, any haproxy of this instance that Ray left running
+        for pid in instance.leftovers:
+            print(f"haproxy pid {pid} outlived its Ray instance (ended)", flush=True)
 
 
 def body(kind: str, docs: list[str]) -> dict:

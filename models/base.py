@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, Cache, PreTrainedModel, PreTrainedTokeni
 from transformers.cache_utils import DynamicLayer
 
 from models.batching import plan_micro_batches
+from models.errors import EngineInputError
 from models.forward import last_token_forward
 
 logger = logging.getLogger(__name__)
@@ -182,6 +183,18 @@ class HeadStore:
 
 
 @dataclass
+class TextTokens:
+    """One text's tokens as the engine computes them, for clients that count or inspect tokens (TEI's and vLLM's
+    /tokenize): `text` is the string the offsets index (the text inside its prompt when one was asked for)."""
+
+    text: str
+    ids: list[int]
+    pieces: list[str]  # each token's vocabulary string (the tokenizer's convert_ids_to_tokens)
+    offsets: list[tuple[int, int] | None]  # [start, stop) in `text`, in characters; None for a special token
+    special: list[bool]  # added by the tokenizer's template or the engine (e.g. the end token), not read from text
+
+
+@dataclass
 class WorkCounters:
     """Cumulative forward-pass work of an engine. real_tokens / computed_slots is the padding efficiency.
 
@@ -280,6 +293,34 @@ class Qwen3Engine:
                                      return_attention_mask=False)["input_ids"]
             sequences.extend(fit(start + offset, ids) for offset, ids in enumerate(encoded))
         return sequences
+
+    def text_tokens_of(self, segments: list[tuple[str, bool]], appended: list[int] = ()) -> TextTokens:
+        """The tokens of a prompt made of segments, each tokenized on its own (`(text, add_special_tokens)`, as the
+        engine's tokenize joins them), then `appended` ids (special). Offsets are characters of the joined text."""
+        text, ids, offsets, special = "", [], [], []
+        for segment, add_special_tokens in segments:
+            encoded = self.tokenizer(segment, add_special_tokens=add_special_tokens, return_offsets_mapping=True,
+                                     return_special_tokens_mask=True, return_attention_mask=False)
+            ids.extend(encoded["input_ids"])
+            special.extend(bool(flag) for flag in encoded["special_tokens_mask"])
+            offsets.extend((start + len(text), stop + len(text)) for start, stop in encoded["offset_mapping"])
+            text += segment
+        ids.extend(appended)
+        special.extend(True for _ in appended)
+        offsets.extend((0, 0) for _ in appended)
+        return TextTokens(text=text, ids=[int(token) for token in ids],
+                          pieces=list(self.tokenizer.convert_ids_to_tokens(ids)),
+                          offsets=[None if flag else span for flag, span in zip(special, offsets)], special=special)
+
+    def decode(self, sequences: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+        """Token ids back to text, one string per sequence."""
+        known = len(self.tokenizer)
+        for position, ids in enumerate(sequences):
+            for token in ids:
+                if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < known:
+                    raise EngineInputError(f"ids[{position}] holds {token!r}, not a token id in [0, {known})",
+                                           param="ids")
+        return list(self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens))
 
     # ---- forward passes -------------------------------------------------------------------------------
 

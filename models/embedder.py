@@ -3,7 +3,8 @@
 Queries may carry an instruction in the official form `Instruct: {task}\\nQuery:{text}` (no space after
 `Query:`); documents get none. Every input must end with `<|endoftext|>` (the official tokenizer appends it
 through a post-processor; without it embeddings are wrong), so we append it whenever a tokenizer or a
-token-id input lacks it. For `dimensions=d` the vector is cut to its first d values, then L2-normalised.
+token-id input lacks it. For `dimensions=d` the vector is cut to its first d values, then L2-normalised (unless
+the caller asks for the raw pooled state: TEI's `normalize: false`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from transformers import AutoModel
 
-from models.base import DEFAULT_MAX_LENGTH, Qwen3Engine, Runtime, TokenIds, join_ids
+from models.base import DEFAULT_MAX_LENGTH, Qwen3Engine, Runtime, TextTokens, TokenIds, join_ids
 from models.errors import EngineInputError
 
 END_OF_TEXT = "<|endoftext|>"
@@ -51,6 +52,7 @@ class _TokenLimit:
 class EmbedJob:
     input_ids: list[TokenIds]
     dimensions: int
+    normalize: bool = True  # False: the last token's state cut to `dimensions`, as pooled (TEI's normalize: false)
 
     @property
     def token_counts(self) -> list[int]:
@@ -63,7 +65,7 @@ class EmbedJob:
 
 @dataclass
 class EmbedResult:
-    embeddings: np.ndarray  # float32 [n, dimensions], unit L2 norm, input order
+    embeddings: np.ndarray  # float32 [n, dimensions], unit L2 norm (unless not asked to normalize), input order
     token_counts: list[int]
 
 
@@ -91,9 +93,9 @@ class Qwen3Embedder(Qwen3Engine):
 
     def tokenize(self, inputs: list[str] | list[list[int]], instruction: str | None = None,
                  dimensions: int | None = None, truncate: bool = True, truncate_side: str = "end",
-                 max_tokens: int | None = None) -> EmbedJob:
+                 max_tokens: int | None = None, normalize: bool = True) -> EmbedJob:
         """Texts or token-id lists -> token ids ending in <|endoftext|>, at most max_length (and `max_tokens`)
-        long.
+        long. `normalize` False leaves the vectors as pooled (cut to `dimensions`, not L2-normalised).
 
         `max_tokens` caps every token the model embeds for an input (instruction and end token included, as they
         are billed). A longer input is cut, keeping the end token, or rejected when `truncate` is False. The cut
@@ -128,7 +130,16 @@ class Qwen3Embedder(Qwen3Engine):
                          for position, seq in enumerate(inputs)]
         else:
             raise EngineInputError("input must be all strings or all lists of token ids", param="input")
-        return EmbedJob(input_ids=sequences, dimensions=dimensions)
+        return EmbedJob(input_ids=sequences, dimensions=dimensions, normalize=normalize)
+
+    def text_tokens(self, texts: list[str], instruction: str | None = None,
+                    add_special_tokens: bool = True) -> list[TextTokens]:
+        """Each text's tokens, never cut: with `add_special_tokens`, exactly the sequence `embed` computes for it
+        (instruction prompt and end token included; its length is what a request is billed, as long as it fits
+        max_length), else the prompt's own tokens without the end token."""
+        appended = [self.eos_id] if add_special_tokens and not self.tokenizer_appends_eos else []
+        return [self.text_tokens_of([(query_text(text, instruction) if instruction is not None else text,
+                                      add_special_tokens)], appended) for text in texts]
 
     def _check_dimensions(self, dimensions: int | None) -> int:
         if dimensions is None:
@@ -184,13 +195,16 @@ class Qwen3Embedder(Qwen3Engine):
         for job in jobs:
             count = len(job.input_ids)
             # Matryoshka: cut first, then normalise (normalising the full vector and cutting is wrong).
-            vectors = torch.nn.functional.normalize(pooled[start:start + count, :job.dimensions], p=2, dim=1)
+            vectors = pooled[start:start + count, :job.dimensions]
+            if job.normalize:
+                vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
             results.append(EmbedResult(embeddings=vectors.cpu().numpy(), token_counts=job.token_counts))
             start += count
         return results
 
     def embed(self, inputs: list[str] | list[list[int]], instruction: str | None = None,
               dimensions: int | None = None, truncate: bool = True, truncate_side: str = "end",
-              max_tokens: int | None = None) -> EmbedResult:
+              max_tokens: int | None = None, normalize: bool = True) -> EmbedResult:
         """Convenience: tokenize and run one request."""
-        return self.run([self.tokenize(inputs, instruction, dimensions, truncate, truncate_side, max_tokens)])[0]
+        return self.run([self.tokenize(inputs, instruction, dimensions, truncate, truncate_side, max_tokens,
+                                       normalize)])[0]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM
 
-from models.base import DEFAULT_MAX_LENGTH, Qwen3Engine, Runtime, TokenIds, join_ids
+from models.base import DEFAULT_MAX_LENGTH, Qwen3Engine, Runtime, TextTokens, TokenIds, join_ids
 from models.errors import EngineInputError
 
 PREFIX = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
@@ -159,6 +159,19 @@ class Qwen3Reranker(Qwen3Engine):
         per_document = self.encode_texts([document_text(d) for d in documents], windows, add_special_tokens=False)
         return RerankJob(head_ids=head_ids, tail_ids=[tail for tails in per_document for tail in tails],
                          window_counts=[len(tails) for tails in per_document])
+
+    def text_tokens(self, texts: list[str], query: str | None = None, instruction: str | None = None,
+                    add_special_tokens: bool = True) -> list[TextTokens]:
+        """Each text's tokens, never cut. With `add_special_tokens`, the whole prompt that scores it as a document
+        against `query` (None: an empty query): PREFIX, the instruction and query head, the document, SUFFIX, each
+        part tokenized as `tokenize` does, so its length is what a rerank request is billed for that document (as
+        long as it fits max_length). Without, the text's own tokens."""
+        if not add_special_tokens:
+            return [self.text_tokens_of([(text, False)]) for text in texts]
+        head = query_head_text("" if query is None else query,
+                               self.default_instruction if instruction is None else instruction)
+        return [self.text_tokens_of([(PREFIX, False), (head, False), (document_text(text), False), (SUFFIX, False)])
+                for text in texts]
 
     # ---- forward + postprocess -------------------------------------------------------------------------
 

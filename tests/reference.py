@@ -100,10 +100,11 @@ class ModelCardEmbedder:
                               return_tensors="pt")
 
     @torch.no_grad()
-    def embeddings(self, input_texts, dimensions=None):
+    def embeddings(self, input_texts, dimensions=None, normalize=True):
+        """`normalize=False`: the pooled vectors before the card's F.normalize (what TEI's normalize: false asks)."""
         batch_dict = self.batch_dict(input_texts)
         outputs = self.model(**batch_dict)
         embeddings = self.last_token_pool(outputs.last_hidden_state, batch_dict["attention_mask"])
         if dimensions is not None:
             embeddings = embeddings[:, :dimensions]
-        return F.normalize(embeddings, p=2, dim=1)
+        return F.normalize(embeddings, p=2, dim=1) if normalize else embeddings

@@ -374,8 +374,9 @@ def test_a_full_replica_sends_the_rest_of_a_group_back(servers):
         asyncio.run(server.serve_group("describe", []))
 
 
-def test_only_models_with_a_fixed_replica_count_take_groups(tiny_reranker_path):
-    """Serve autoscales on ongoing handle calls: a group would count once, so an autoscaled model gets none."""
+def test_models_on_the_request_count_policy_take_no_groups(tiny_reranker_path):
+    """Serve's request-count policy scales on ongoing handle calls: a group would count once, so a model on it gets
+    none. The queued-work policy counts the tokens each request holds, so its models take groups."""
     from serve_app.replica.deployment import ModelServer
 
     def facts(deployment: dict) -> dict:
@@ -385,6 +386,8 @@ def test_only_models_with_a_fixed_replica_count_take_groups(tiny_reranker_path):
 
     assert facts({"num_replicas": 2})["serves_groups"] is True
     assert facts({"autoscaling": {"min_replicas": 1, "max_replicas": 4}})["serves_groups"] is False
+    assert facts({"autoscaling": {"min_replicas": 1, "max_replicas": 4,
+                                  "queued_work": {"target_queue_seconds": 1}}})["serves_groups"] is True
 
 
 # ---- the real served app ---------------------------------------------------------------------------------------

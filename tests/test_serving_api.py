@@ -187,10 +187,11 @@ def test_tei_truncate_false_refuses_a_long_text(http):
     assert truncated.status_code == 200 and len(truncated.json()) == 2
 
 
-def test_tei_without_model_needs_a_single_reranker(http):
-    # Two rerankers are served here, so TEI's model-less body must say which.
-    error = assert_error(http.post("/rerank", json={"query": "q", "texts": ["a"]}), 400, param="model")
-    assert RERANKER in error["message"] and NARROW_RERANKER in error["message"]
+def test_tei_without_model_is_served_by_the_default_reranker(http):
+    # Two rerankers are served here; TEI's model-less body goes to the config's default_models.rerank (tiny.yaml's).
+    body = {"query": "q", "texts": ["a", "b"]}
+    assert http.post("/rerank", json=body).json() == http.post("/rerank", json={**body, "model": RERANKER}).json()
+    assert_error(http.post("/rerank", json={**body, "model": NARROW_RERANKER + "-x"}), 404, param="model")
 
 
 def test_cohere_sdk_rerank(served, reference, api_key):

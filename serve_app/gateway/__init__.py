@@ -1,8 +1,12 @@
 """The gateway: the HTTP ingress deployment and everything a request meets before and after the model.
 
     ingress.py       the Gateway Serve deployment: middleware (request ids, auth, rate limits, body limits, metrics,
-                     the usage ledger) and the OpenAI / Jina / vLLM / Voyage / TEI rerank and embeddings routes
+                     the usage ledger) and the OpenAI / Jina / vLLM / Voyage rerank (TEI's body too on /rerank) and
+                     embeddings routes
     cohere_embed.py  Cohere v2 embed, compressed vector types too (a router)
+    tei.py           Text Embeddings Inference's API: /tei/<model>/... per model, the bare TEI paths served by the
+                     default models, TEI's error shape (a router)
+    vllm.py          vLLM's /tokenize, /detokenize and /score (a router)
     admin.py         /v1/admin/keys: key and credit management for admin keys (a router)
     probes.py        /health and /ready (a router)
     bodies.py        reading, size-limiting and validating request bodies

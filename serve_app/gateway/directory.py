@@ -152,9 +152,9 @@ class ModelDirectory:
 
     # ---- lookups ------------------------------------------------------------------------------------------
 
-    async def resolve(self, name: str, task: str) -> ModelEntry:
+    async def resolve(self, name: str, task: str | None) -> ModelEntry:
         """The model a request names; 503 while its application starts, 404 listing the served names when no
-        application serves it, 400 for the wrong task."""
+        application serves it, 400 for the wrong task (None: any task)."""
         self._refresher.ensure_started()
         entry = self._by_name.get(name)
         if entry is None and self._refresh_allowed():
@@ -164,7 +164,7 @@ class ModelDirectory:
             self.raise_if_starting(name)
             raise ModelNotFound(f"model {name!r} does not exist; served models: {self.names_text()}",
                                 param="model")
-        if entry.task != task:
+        if task is not None and entry.task != task:
             same_task = sorted(e.name for e in self._entries.values() if e.task == task)
             raise InvalidRequest(f"model {name!r} is a {entry.task} model; {task} models: "
                                  f"{', '.join(same_task) or 'none'}", param="model", code="wrong_model_task")
@@ -176,14 +176,6 @@ class ModelDirectory:
             raise ModelStarting(f"model {self._starting[name]!r} is starting (no replica is running yet); retry in "
                                 f"{STARTING_RETRY_AFTER_S} s", param="model",
                                 headers={"Retry-After": str(STARTING_RETRY_AFTER_S)})
-
-    async def only_model(self, task: str) -> ModelEntry:
-        """For clients that send no model (TEI): the single model of that task."""
-        candidates = [e for e in await self.entries() if e.task == task]
-        if len(candidates) != 1:
-            raise InvalidRequest(f"this server hosts {len(candidates)} {task} models; name one in 'model': "
-                                 f"{', '.join(sorted(e.name for e in candidates)) or 'none'}", param="model")
-        return candidates[0]
 
     async def entries(self) -> list[ModelEntry]:
         self._refresher.ensure_started()

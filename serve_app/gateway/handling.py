@@ -8,7 +8,9 @@ writes them to the output file.
 
 An endpoint is an `Endpoint`: its wire schema and a handler that takes the parsed body and a `RequestContext` and
 returns `Served`. OpenAI's embeddings and the Cohere / Jina / vLLM rerank are here; Cohere's /v2/embed is in
-serve_app/gateway/cohere_embed.py; serve_app/gateway/endpoints.py lists the ones a request (and a batch) can name.
+serve_app/gateway/cohere_embed.py, TEI's routes in serve_app/gateway/tei.py, vLLM's score and tokenizer helpers in
+serve_app/gateway/vllm.py; serve_app/gateway/endpoints.py lists the ones a request (and a batch) can name. What they
+all share is here: `embed_inputs`, `rerank_documents`, `tokenize_texts`, and model lookup with its defaults.
 
 Prepaid credit (serve_app/accounts/credit) is checked where a request resolves its model, before any model call, so every
 endpoint and both carriers refuse a spent key the same way.
@@ -162,30 +164,58 @@ class ModelCalls:
 
 @dataclass
 class RequestContext:
-    """One request's view of its carrier: its ledger id, its API key's id (None with auth off), and the model it
-    resolved to (a metrics label)."""
+    """One request's view of its carrier: its ledger id, its API key's id (None with auth off), the model it
+    resolved to (a metrics label), and the base URL it came to (named in errors that point to another URL)."""
 
     calls: ModelCalls
     request_id: str
     key_id: str | None = None
     model: str | None = None
+    base_url: str = ""
 
     @property
     def config(self) -> GatewayConfig:
         return self.calls.config
 
-    async def resolve(self, name: str | None, task: str) -> ModelEntry:
-        """The model a request names; no name (TEI's body) means the one model of that task. Every endpoint
-        resolves its model before calling it, so this is where a key whose credit is spent is refused (429)."""
+    async def resolve(self, name: str | None, task: str | None) -> ModelEntry:
+        """The model a request names, of `task` (None: of any task); no name (TEI's bodies, vLLM's without
+        `model`) means the gateway's default model of that task (`default_models`). Every endpoint resolves its
+        model before calling it, so this is where a key whose credit is spent is refused (429)."""
         credit = self.calls.credit
         if credit is not None and self.key_id is not None:
             credit.admit(self.key_id)
-        directory = self.calls.directory
-        entry = await (directory.resolve(name, task) if name is not None else directory.only_model(task))
-        self.model = entry.name  # only served names, never what a client typed
+        entry = await self.lookup(name, task)
         if credit is not None:
             credit.pricing.note(entry)  # the price this request's debit is computed with
         return entry
+
+    async def lookup(self, name: str | None, task: str | None) -> ModelEntry:
+        """`resolve` without the credit check, for what is never billed (tokenize, decode, info): a key whose credit
+        is spent can still count tokens, as it can still read its usage."""
+        directory = self.calls.directory
+        entry = await (directory.resolve(name, task) if name is not None else self._default_model(task))
+        self.model = entry.name  # only served names, never what a client typed
+        return entry
+
+    async def _default_model(self, task: str | None) -> ModelEntry:
+        """`default_models`' model of `task` (None: the embed model, else the rerank model), or 400 naming the
+        per-model TEI base URLs a client that sends no model name can use instead."""
+        defaults = self.config.default_models
+        for candidate in (task,) if task is not None else ("embed", "rerank"):
+            name = getattr(defaults, candidate)
+            if name is not None:
+                try:
+                    return await self.calls.directory.resolve(name, candidate)
+                except (ModelNotFound, InvalidRequest) as exc:
+                    exc.message = f"the gateway's default {candidate} model (default_models.{candidate}): {exc.message}"
+                    exc.args = (exc.message,)
+                    raise
+        served = [entry.name for entry in await self.calls.directory.entries() if task in (None, entry.task)]
+        what = f"{task} model" if task is not None else "model"
+        urls = ", ".join(f"{self.base_url.rstrip('/')}/tei/{name}" for name in served) or "none (no such model runs)"
+        raise InvalidRequest(f"this request names no model and the gateway has no default {what} (its config's "
+                             f"`default_models`): name the model in `model`, or send TEI requests to the model's own "
+                             f"base URL: {urls}", param="model", code="no_default_model")
 
     async def call(self, entry: ModelEntry, method: str, *args) -> dict[str, Any]:
         return await self.calls.call(entry, method, *args)
@@ -221,19 +251,20 @@ class Served:
 
 # ---- the handlers -------------------------------------------------------------------------------------------
 
-async def embed_inputs(context: RequestContext, model: str, inputs: list[str] | list[list[int]], *, param: str,
-                       instruction: str | None = None, dimensions: int | None = None, truncate: bool = True,
-                       truncate_side: str = "end", max_tokens: int | None = None,
-                       with_ranges: bool = False) -> tuple[ModelEntry, dict[str, Any], Usage]:
-    """What every embeddings endpoint does (OpenAI's, Cohere's): the input limit (413 naming `param`), the model,
-    one model call. Returns the model, its answer (float32 vectors, token counts and, with `with_ranges`, the
-    model's fixed int8/uint8 ranges for these dimensions) and the usage to bill."""
+async def embed_inputs(context: RequestContext, model: str | None, inputs: list[str] | list[list[int]], *,
+                       param: str, instruction: str | None = None, dimensions: int | None = None,
+                       truncate: bool = True, truncate_side: str = "end", max_tokens: int | None = None,
+                       with_ranges: bool = False, normalize: bool = True) -> tuple[ModelEntry, dict[str, Any], Usage]:
+    """What every embeddings endpoint does (OpenAI's, Cohere's, TEI's): the input limit (413 naming `param`), the
+    model (None: the default embed model), one model call. Returns the model, its answer (float32 vectors, token
+    counts and, with `with_ranges`, the model's fixed int8/uint8 ranges for these dimensions) and the usage to
+    bill."""
     if len(inputs) > context.config.max_embedding_inputs:
         raise PayloadTooLarge(f"{len(inputs)} inputs; at most {context.config.max_embedding_inputs} per request",
                               param=param)
     entry = await context.resolve(model, "embed")
     out = await context.call(entry, "embed", inputs, instruction, dimensions, truncate, truncate_side, max_tokens,
-                             with_ranges)
+                             with_ranges, normalize)
     usage = Usage(entry.name, sum(out["token_counts"]), embeddings=len(inputs),
                   dimensions=int(out["embeddings"].shape[1]))
     return entry, out, usage
@@ -254,6 +285,53 @@ async def serve_embeddings(body: protocol.EmbeddingRequest, context: RequestCont
     }, usage)
 
 
+async def rerank_documents(context: RequestContext, model: str | None, query: str, documents: list[str], *,
+                           param: str = "documents", instruction: str | None = None,
+                           max_tokens_per_doc: int | None = None, truncate: bool = True,
+                           max_chunks_per_doc: int | None = None) -> tuple[ModelEntry, dict[str, Any], Usage]:
+    """What every rerank endpoint does (Cohere's and the others', TEI's, vLLM's score): the document limit (413
+    naming `param`), the model (None: the default rerank model), one model call scoring every document against
+    `query` (P(yes), the logits, tokens and windows per document). A document the model refuses is named by
+    `param`."""
+    context.check_document_count(len(documents), param)
+    entry = await context.resolve(model, "rerank")
+    try:
+        out = await context.call(entry, "rerank", query, documents, instruction, max_tokens_per_doc, truncate,
+                                 max_chunks_per_doc)
+    except InvalidRequest as exc:
+        if exc.param == "documents":
+            exc.param = param
+        raise
+    usage = Usage(entry.name, sum(out["token_counts"]), documents=len(documents), windows=sum(out["windows"]))
+    return entry, out, usage
+
+
+async def tokenize_texts(context: RequestContext, entry: ModelEntry, texts: list[str], *, param: str,
+                         add_special_tokens: bool = True, instruction: str | None = None,
+                         query: str | None = None) -> dict[str, Any]:
+    """TEI's and vLLM's /tokenize: each text's tokens as the model's embed or rerank computes them (template and
+    instruction included with `add_special_tokens`), from the replica that holds the tokenizer. Not billed: no
+    forward pass runs."""
+    if len(texts) > context.config.max_embedding_inputs:
+        raise PayloadTooLarge(f"{len(texts)} inputs; at most {context.config.max_embedding_inputs} per request",
+                              param=param)
+    return await context.call(entry, "tokenize", texts, add_special_tokens, instruction, query)
+
+
+async def detokenize_ids(context: RequestContext, entry: ModelEntry, sequences: list[list[int]], *, param: str,
+                         skip_special_tokens: bool) -> list[str]:
+    """TEI's /decode and vLLM's /detokenize: token ids back to text by the model's tokenizer. Not billed."""
+    if len(sequences) > context.config.max_embedding_inputs:
+        raise PayloadTooLarge(f"{len(sequences)} sequences; at most {context.config.max_embedding_inputs} per "
+                              "request", param=param)
+    try:
+        out = await context.call(entry, "detokenize", sequences, skip_special_tokens)
+    except InvalidRequest as exc:
+        exc.param = param if exc.param == "ids" else exc.param
+        raise
+    return out["texts"]
+
+
 async def serve_rerank(body: protocol.RerankRequest, context: RequestContext) -> Served:
     """Cohere v2 / Jina / vLLM / Voyage rerank."""
     documents = body.document_texts()
@@ -261,11 +339,11 @@ async def serve_rerank(body: protocol.RerankRequest, context: RequestContext) ->
     if body.top_n is not None and body.top_k is not None and body.top_n != body.top_k:
         raise InvalidRequest(f"top_k is Voyage's name for top_n: send one (got top_n {body.top_n}, top_k "
                              f"{body.top_k})", param="top_k")
-    entry = await context.resolve(body.model, "rerank")
-    out = await context.call(entry, "rerank", body.query, documents, body.instruction, body.max_tokens_per_doc,
-                             True, body.max_chunks_per_doc)
-    tokens = sum(out["token_counts"])
-    usage = Usage(entry.name, tokens, documents=len(documents), windows=sum(out["windows"]))
+    entry, out, usage = await rerank_documents(context, body.model, body.query, documents,
+                                               instruction=body.instruction,
+                                               max_tokens_per_doc=body.max_tokens_per_doc,
+                                               max_chunks_per_doc=body.max_chunks_per_doc)
+    tokens = usage.input_tokens
     results = []
     for index in rank(out["scores"], body.top_n if body.top_n is not None else body.top_k):
         result: dict[str, Any] = {"index": index, "relevance_score": out["scores"][index]}

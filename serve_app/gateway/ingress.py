@@ -4,6 +4,9 @@ Routes (design.md section 5):
     POST /v1/embeddings, /embeddings            OpenAI embeddings
     POST /v2/embed                              Cohere v2 embed, compressed types too (serve_app/gateway/cohere_embed.py)
     POST /v1/rerank, /v2/rerank, /rerank        Cohere v2 / Jina / vLLM / Voyage rerank; TEI's body on /rerank
+    /tei/<model>/..., /embed, /decode, /info    Text Embeddings Inference's API (serve_app/gateway/tei.py)
+    POST /tokenize, /detokenize, /score         vLLM's helpers and score (serve_app/gateway/vllm.py); TEI's body on
+                                                /tokenize
     GET  /v1/models, /v1/models/{id}            OpenAI model objects
     GET  /v1/usage                              the caller's usage totals and credit (every key's for an admin key)
     GET, POST /v1/admin/keys, DELETE /v1/admin/keys/{id}   key management, admin keys only (serve_app/gateway/admin.py)
@@ -24,7 +27,7 @@ import logging
 import time
 import uuid
 from datetime import date
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -45,13 +48,13 @@ from serve_app.accounts.store import connect, database_url
 from serve_app.config import GATEWAY_DEPLOYMENT_NAME, GatewayConfig
 from serve_app.errors import (IdempotencyConflict, InternalError, InvalidRequest, MethodNotAllowed, ModelNotFound,
                               NotFound, PayloadTooLarge, RateLimited, ServingError, StoreUnavailable)
-from serve_app.gateway import admin, cohere_embed, probes, protocol
+from serve_app.gateway import admin, cohere_embed, probes, protocol, tei, vllm
 from serve_app.gateway.batches import routes as batch_routes
 from serve_app.gateway.batches.service import BatchService
 from serve_app.gateway.bodies import (body_limit, ignored_fields_header, json_body, parse_body, read_json, validate,
                                       validation_error)
 from serve_app.gateway.directory import ModelDirectory, ModelEntry
-from serve_app.gateway.handling import EMBEDDINGS, RERANK, Endpoint, ModelCalls, RequestContext, Served, Usage, rank
+from serve_app.gateway.handling import EMBEDDINGS, RERANK, Endpoint, ModelCalls, RequestContext, Usage
 from serve_app.gateway.responses import OrjsonResponse
 from serve_app.metrics import GatewayMetrics
 
@@ -63,40 +66,44 @@ api.include_router(admin.router)
 api.include_router(probes.router)
 api.include_router(cohere_embed.router)
 api.include_router(batch_routes.router)
+api.include_router(tei.router)
+api.include_router(vllm.router)
 
 
-# ---- errors: one place turns every failure into the OpenAI error body ----------------------------------------
+# ---- errors: one place turns every failure into the OpenAI error body (TEI's on TEI's routes) ------------------
 
-def error_response(error: ServingError) -> JSONResponse:
+def error_response(error: ServingError, request: Request | None = None) -> JSONResponse:
+    if request is not None and tei.speaks_tei(request):
+        return tei.error_response(error)
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 @api.exception_handler(ServingError)
-async def _serving_error(_: Request, exc: ServingError) -> JSONResponse:
-    return error_response(exc)
+async def _serving_error(request: Request, exc: ServingError) -> JSONResponse:
+    return error_response(exc, request)
 
 
 @api.exception_handler(RequestValidationError)
-async def _request_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    return error_response(validation_error(exc))
+async def _request_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(validation_error(exc), request)
 
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     if exc.status_code == 404:
-        return error_response(NotFound(f"no route {request.method} {request.url.path}"))
+        return error_response(NotFound(f"no route {request.method} {request.url.path}"), request)
     if exc.status_code == 405:
-        return error_response(MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}"))
+        return error_response(MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}"), request)
     kind = InvalidRequest if exc.status_code < 500 else InternalError
     error = kind(str(exc.detail))
     error.status = exc.status_code
-    return error_response(error)
+    return error_response(error, request)
 
 
 @api.exception_handler(Exception)
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("gateway: unexpected error on %s %s", request.method, request.url.path)
-    return error_response(InternalError("internal error; the request was not completed"))
+    return error_response(InternalError("internal error; the request was not completed"), request)
 
 
 class AdmitAndMeter:
@@ -150,11 +157,11 @@ async def admission_refusal(request: Request) -> JSONResponse | None:
             await enforce_rate_limits(request, request.state.api_key)
         request.state.request_id = ledger_request_id(request)
     except ServingError as error:
-        return error_response(error)
+        return error_response(error, request)
     limit = body_limit(request)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        return error_response(PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}"))
+        return error_response(PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}"), request)
     return None
 
 
@@ -198,28 +205,6 @@ def model_card(entry: ModelEntry) -> protocol.ModelCard:
                               dimensions=facts.get("dimensions"), aliases=list(facts.get("aliases", [])))
 
 
-async def serve_tei_rerank(body: protocol.TEIRerankRequest, context: RequestContext) -> Served:
-    """TEI's rerank: a bare array of {index, score, text?}; HTTP only (not a batch endpoint)."""
-    context.check_document_count(len(body.texts), "texts")
-    entry = await context.resolve(body.model, "rerank")
-    try:
-        out = await context.call(entry, "rerank", body.query, body.texts, None, None, body.truncate)
-    except InvalidRequest as exc:
-        if exc.param == "documents":
-            exc.param = "texts"
-        raise
-    values = out["logits"] if body.raw_scores else out["scores"]
-    ranks = []
-    for index in rank(out["scores"], None):
-        item: dict[str, Any] = {"index": index, "score": values[index]}
-        if body.return_text:
-            item["text"] = body.texts[index]
-        ranks.append(item)
-    return Served(ranks, Usage(entry.name, sum(out["token_counts"]), documents=len(body.texts),
-                               windows=sum(out["windows"])))
-
-
-TEI_RERANK = Endpoint(protocol.TEIRerankRequest, serve_tei_rerank)
 
 
 # ---- the gateway deployment ----------------------------------------------------------------------------------
@@ -259,10 +244,14 @@ class Gateway:
         # Routes in router modules (serve_app/gateway/cohere_embed.py) reach the shared serving path through this.
         api.state.gateway = self
 
+    def context(self, request: Request) -> RequestContext:
+        key = getattr(request.state, "api_key", None)
+        return RequestContext(self.calls, request.state.request_id, key.id if key is not None else None,
+                              base_url=str(request.base_url))
+
     async def respond(self, request: Request, endpoint: Endpoint, body) -> JSONResponse:
         """A parsed body through the shared handling (serve_app/gateway/handling.py), billed before it is answered."""
-        key = getattr(request.state, "api_key", None)
-        context = RequestContext(self.calls, request.state.request_id, key.id if key is not None else None)
+        context = self.context(request)
         try:
             served = await endpoint.serve(body, context)
         finally:
@@ -270,6 +259,17 @@ class Gateway:
                 request.state.model = context.model  # metrics label, even when the model call failed
         await self._bill(request, served.usage)
         return OrjsonResponse(served.body)
+
+    async def answer(self, request: Request, work: Callable[[RequestContext], Awaitable[Any]]) -> JSONResponse:
+        """What is never billed (tokenize, decode, info): `work`'s answer, with no ledger row and no tokens charged
+        to the key's rate limit (the request itself counts in it, as every request does)."""
+        context = self.context(request)
+        try:
+            body = await work(context)
+        finally:
+            if context.model is not None:
+                request.state.model = context.model
+        return OrjsonResponse(body)
 
     async def _bill(self, request: Request, usage: Usage) -> None:
         """Record a served request, durably and once, before its response is sent; then charge its tokens to the
@@ -322,8 +322,8 @@ class Gateway:
     async def rerank_any(self, request: Request) -> JSONResponse:
         """Cohere/Jina/vLLM body, or TEI's (`texts` instead of `documents`): told apart by the body."""
         raw = await read_json(request)
-        if isinstance(raw, dict) and "texts" in raw and "documents" not in raw:
-            return await self.respond(request, TEI_RERANK, validate(request, raw, TEI_RERANK.schema))
+        if tei.is_tei_rerank(raw):
+            return await self.respond(request, tei.TEI_RERANK, validate(request, raw, tei.TEI_RERANK.schema))
         return await self.respond(request, RERANK, validate(request, raw, RERANK.schema))
 
     # ---- models -------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Wire schemas only: what clients send and get back. No serving logic here.
 
 Request models ignore unknown fields (SDKs add fields over time and must keep working) but validate every
-field they know. Shapes follow design.md section 5: OpenAI embeddings; Cohere v2 / Jina / vLLM rerank; TEI rerank.
+field they know. Shapes follow design.md section 5: OpenAI embeddings; Cohere v2 / Jina / vLLM rerank; Text
+Embeddings Inference's routes; vLLM's tokenizer helpers and score.
 """
 
 from __future__ import annotations
@@ -175,25 +176,167 @@ class RerankResponse(WireModel):
     meta: RerankMeta
 
 
-# ---- rerank (TEI) -----------------------------------------------------------------------------------------
+# ---- Text Embeddings Inference (serve_app/gateway/tei.py) ------------------------------------------------------
+# TEI's request fields as its router reads them. TEI has no model field (a server hosts one model): `model` here is
+# our extension for the bare paths (and batch lines); without it they serve the gateway's default model.
+
+# TEI's TruncationDirection, in the case TEI's docs write it and in the case its enum is named.
+TEITruncationDirection = Literal["right", "left", "Right", "Left"]
+TEIInput = StrictStr | list[NonNegativeTokenId]
+
+
+class TEIEmbedRequest(WireModel):
+    model: StrictStr | None = None
+    # A text, token ids, or a batch of texts or token-id lists (TEI's untagged `Input`).
+    inputs: StrictStr | list[NonNegativeTokenId] | list[TEIInput]
+    normalize: bool = True
+    truncate: bool | None = None  # None: the gateway's tei.auto_truncate (TEI's --auto-truncate)
+    truncation_direction: TEITruncationDirection = "right"
+    # A prompt name (serve_app/replica/instructions.py PROMPT_NAME_INSTRUCTIONS): the query instruction it stands for.
+    prompt_name: StrictStr | None = None
+    dimensions: StrictInt | None = None
+    # Extension, as on /v1/embeddings: the query instruction itself.
+    instruction: StrictStr | None = None
+
+    def input_list(self) -> list[str | list[int]]:
+        """The inputs as a batch: a single text or a single token-id list is a batch of one."""
+        if isinstance(self.inputs, str):
+            return [self.inputs]
+        if self.inputs and all(isinstance(item, int) for item in self.inputs):
+            return [list(self.inputs)]
+        return list(self.inputs)
+
 
 class TEIRerankRequest(WireModel):
-    """TEI's body on /rerank; told apart from the Cohere shape by `texts`. TEI has no model field: the gateway
-    uses the only reranker, or `model` when several are served."""
+    """TEI's body on /rerank; told apart from the Cohere shape by `texts`."""
 
     model: StrictStr | None = None
     query: QueryText
-    texts: list[StrictStr] = Field(min_length=1)
+    texts: list[StrictStr]
     raw_scores: bool = False
     return_text: bool = False
-    # TEI's default: refuse an input that is too long rather than cut it.
-    truncate: bool = False
+    truncate: bool | None = None  # None: the gateway's tei.auto_truncate (TEI's default: false, refuse long texts)
+    truncation_direction: TEITruncationDirection = "right"
 
 
 class TEIRank(WireModel):
     index: int
     score: float
     text: str | None = None
+
+
+class TEITokenizeRequest(WireModel):
+    model: StrictStr | None = None
+    inputs: StrictStr | list[StrictStr]
+    add_special_tokens: bool = True
+    prompt_name: StrictStr | None = None
+    # Extensions: an embedder's query instruction; a reranker's instruction and the query its template holds.
+    instruction: StrictStr | None = None
+    query: StrictStr | None = None
+
+
+class TEIToken(WireModel):
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
+
+
+class TEIDecodeRequest(WireModel):
+    model: StrictStr | None = None
+    ids: list[NonNegativeTokenId] | list[list[NonNegativeTokenId]]
+    skip_special_tokens: bool = True
+
+
+class TEIInfo(WireModel):
+    """GET /info: TEI's fields, with the model's real limits."""
+
+    model_id: str  # the weights' source (hub id or path)
+    model_sha: str | None  # the configured revision
+    model_dtype: str
+    model_type: dict[str, Any]  # {"embedding": {"pooling": "last_token"}} or {"reranker": {"id2label", "label2id"}}
+    max_concurrent_requests: int  # per model replica (its max_ongoing_requests)
+    max_input_length: int  # the model's max_length, in tokens, template and instruction included
+    max_batch_tokens: int
+    max_batch_requests: int | None
+    max_client_batch_size: int  # inputs (embed, tokenize, decode) or texts (rerank) per request
+    auto_truncate: bool
+    tokenization_workers: int
+    version: str
+    sha: str | None
+    docker_label: str | None
+    model_name: str  # extension: the served name
+
+
+# ---- vLLM's helpers (serve_app/gateway/vllm.py) ----------------------------------------------------------------
+
+class VLLMTokenizeRequest(WireModel):
+    model: StrictStr | None = None  # None: the gateway's default model (embed, else rerank)
+    prompt: StrictStr
+    add_special_tokens: bool = True
+    return_token_strs: bool | None = False
+    # Extensions: an embedder's query instruction; a reranker's instruction and the query its template holds.
+    instruction: StrictStr | None = None
+    query: StrictStr | None = None
+
+
+class VLLMTokenizeResponse(WireModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class VLLMDetokenizeRequest(WireModel):
+    model: StrictStr | None = None
+    tokens: list[NonNegativeTokenId]
+
+
+class VLLMDetokenizeResponse(WireModel):
+    prompt: str
+
+
+ScoreInputs = StrictStr | list[StrictStr]
+
+
+class ScoreRequest(WireModel):
+    """vLLM's /score: one pair of fields, text_1/text_2 (its first names), queries/documents or data_1/data_2."""
+
+    model: StrictStr | None = None  # None: the gateway's default rerank model
+    text_1: ScoreInputs | None = None
+    text_2: ScoreInputs | None = None
+    queries: ScoreInputs | None = None
+    documents: ScoreInputs | None = None
+    data_1: ScoreInputs | None = None
+    data_2: ScoreInputs | None = None
+    # vLLM's: false returns the raw logit instead of the probability P(yes).
+    use_activation: bool | None = None
+    # Extensions, as on /v1/rerank.
+    instruction: StrictStr | None = None
+    max_tokens_per_doc: StrictInt | None = Field(default=None, ge=1)
+    max_chunks_per_doc: StrictInt | None = Field(default=None, ge=1)
+
+
+class ScoreData(WireModel):
+    index: int
+    object: Literal["score"] = "score"
+    score: float
+
+
+class ScoreUsage(WireModel):
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int = 0
+
+
+class ScoreResponse(WireModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ScoreData]
+    usage: ScoreUsage
 
 
 # ---- models -----------------------------------------------------------------------------------------------

@@ -23,6 +23,10 @@ much one run holds by its lines in flight per model).
 Several gateway requests can reach the replica in one handle call (`serve_group`, sent by
 serve_app/gateway/hop_sharing.py): each of them takes the path above exactly as if it had come alone.
 
+Autoscaling: every replica keeps the tokens it holds (online and background apart) and the tokens per second its
+engine computes, and reports them to Serve's controller (`record_autoscaling_stats`), where the queued-work policy
+scales on them (serve_app/replica/autoscaling.py).
+
 Only text and numbers cross the handle hop: scores, token counts and float32 vectors.
 """
 
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -44,6 +49,7 @@ from models.errors import EngineInputError
 from serve_app.config import MODEL_DEPLOYMENT_NAME, BatchingConfig, ModelConfig
 from serve_app.errors import InternalError, InvalidRequest, Overloaded, ServingError
 from serve_app.metrics import ModelMetrics
+from serve_app.replica.autoscaling import WorkSignal, estimated_tokens_per_s, estimated_work, job_work
 from serve_app.replica.loading import load_calibration, load_engine
 
 logger = logging.getLogger("ray.serve")
@@ -115,6 +121,7 @@ class ModelServer:
                        "group_requests_sent_back": 0}
         self._probe_job = self._tokenize_probe()
         self.metrics = ModelMetrics(self.config.name)
+        self.work = WorkSignal(self._look_back_s(), self._estimated_tokens_per_s())
 
     # ---- configuration ------------------------------------------------------------------------------------
 
@@ -136,12 +143,15 @@ class ModelServer:
         # The price as decimal text: only text and numbers cross the hop, and the gateway debits by it exactly.
         price = self.config.price.model_dump(mode="json", exclude_none=True) if self.config.price else None
         # `serves_groups`: the gateway may send this model several requests in one call (serve_group); a gateway
-        # newer than the model's replicas finds no such fact and sends them nothing they cannot answer. Not for an
-        # autoscaled model: Serve scales on ongoing handle calls (target_ongoing_requests), where a group of 30
-        # requests would count as one, so the model would not scale up under load.
+        # newer than the model's replicas finds no such fact and sends them nothing they cannot answer. Not for a
+        # model on Serve's request-count policy: it scales on ongoing handle calls (target_ongoing_requests), where a
+        # group of 30 requests would count as one. The queued-work policy counts the tokens each request holds, so
+        # grouping does not hide load from it.
+        autoscaling = self.config.deployment.autoscaling
         return {**self.facts, "name": self.config.name, "aliases": list(self.config.aliases),
-                "token_budget": self.engine.token_budget, "price": price,
-                "serves_groups": self.config.deployment.autoscaling is None}
+                "token_budget": self.engine.token_budget, "max_batch_tokens": self._batching.max_batch_tokens,
+                "max_ongoing_requests": self.config.deployment.max_ongoing_requests, "price": price,
+                "serves_groups": autoscaling is None or autoscaling.queued_work is not None}
 
     async def rerank(self, query: str, documents: list[str], instruction: str | None = None,
                      max_tokens_per_doc: int | None = None, truncate: bool = True,
@@ -152,17 +162,19 @@ class ModelServer:
         chunks = max_chunks_per_doc or self.config.max_chunks_per_doc or 1
         with self._admitted(background):
             size = len(query) + sum(map(len, documents))
-            job = await self._tokenize(size, self.engine.tokenize, query, documents, instruction,
-                                       max_tokens_per_doc, truncate, chunks)
+            job = await self._tokenize(size, estimated_work(size, len(documents), texts=True), background,
+                                       self.engine.tokenize, query, documents, instruction, max_tokens_per_doc,
+                                       truncate, chunks)
             result = await self._submit(job, background)
         return {"scores": result.scores, "logits": result.logits, "token_counts": result.token_counts,
                 "windows": result.windows}
 
     async def embed(self, inputs: list[str] | list[list[int]], instruction: str | None = None,
                     dimensions: int | None = None, truncate: bool = True, truncate_side: str = "end",
-                    max_tokens: int | None = None, with_ranges: bool = False, *,
+                    max_tokens: int | None = None, with_ranges: bool = False, normalize: bool = True, *,
                     background: bool = False) -> dict[str, Any]:
-        """`with_ranges`: also return the fixed int8/uint8 ranges (lo, hi) of the request's dimension setting."""
+        """`with_ranges`: also return the fixed int8/uint8 ranges (lo, hi) of the request's dimension setting.
+        `normalize` False: vectors as pooled, not L2-normalised (TEI's normalize: false)."""
         self._require_task("embed")
         if with_ranges and self.calibration is None:
             raise InvalidRequest(f"int8 and uint8 embeddings need fixed quantization ranges, and model "
@@ -170,13 +182,36 @@ class ModelServer:
                                  "`python -m serve_app.replica.quantization.calibration`); float, base64, binary and "
                                  "ubinary need none", param="embedding_types", code="not_calibrated")
         with self._admitted(background):
-            job = await self._tokenize(sum(map(len, inputs)), self.engine.tokenize, inputs, instruction, dimensions,
-                                       truncate, truncate_side, max_tokens)
+            size = sum(map(len, inputs))
+            texts = not inputs or isinstance(inputs[0], str)  # else token ids: size is their count
+            job = await self._tokenize(size, estimated_work(size, 0, texts), background, self.engine.tokenize,
+                                       inputs, instruction, dimensions, truncate, truncate_side, max_tokens, normalize)
             result = await self._submit(job, background)
         answer = {"embeddings": result.embeddings, "token_counts": result.token_counts}
         if with_ranges:
             answer["ranges"] = self.calibration.ranges(job.dimensions)
         return answer
+
+    async def tokenize(self, texts: list[str], add_special_tokens: bool = True, instruction: str | None = None,
+                       query: str | None = None) -> dict[str, Any]:
+        """Each text's tokens as `embed` / `rerank` compute them, never cut (TEI's and vLLM's /tokenize): with
+        `add_special_tokens`, the instruction and the prompt template are included, so a text's count is what a
+        request is billed for it; `query` (rerankers) is the query the template holds. No forward pass."""
+        if query is not None and self.config.task != "rerank":
+            raise InvalidRequest(f"model {self.config.name!r} is an embed model: query applies to rerankers",
+                                 param="query")
+        options = {"query": query} if self.config.task == "rerank" else {}
+        tokens = await self._tokenize(sum(map(len, texts)), functools.partial(
+            self.engine.text_tokens, texts, instruction=instruction, add_special_tokens=add_special_tokens,
+            **options))
+        return {"max_length": self.engine.max_length,
+                "texts": [{"text": t.text, "ids": t.ids, "pieces": t.pieces, "offsets": t.offsets,
+                           "special": t.special} for t in tokens]}
+
+    async def detokenize(self, sequences: list[list[int]], skip_special_tokens: bool = True) -> dict[str, Any]:
+        """Token ids back to text, one string per sequence (TEI's /decode, vLLM's /detokenize)."""
+        texts = await self._tokenize(sum(map(len, sequences)), self.engine.decode, sequences, skip_special_tokens)
+        return {"texts": texts}
 
     async def serve_group(self, method: str, calls: list[list], *, background: bool = False) -> list:
         """Several requests' calls of `method` in one handle call, sent by a gateway replica whose requests for this
@@ -222,6 +257,13 @@ class ModelServer:
         return {**self._stats, "requests_inside": self._held, "batching": self._batching.model_dump(),
                 "placement": placement}
 
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """The autoscaling signal (serve_app/replica/autoscaling.py), which Serve asks for every record interval
+        of a deployment with `autoscaling` and hands to the policy; the same numbers go to Prometheus."""
+        report = self.work.report(time.monotonic(), self.engine.work.real_tokens, self._held)
+        self.metrics.work(report["online_tokens"], report["background_tokens"], report["tokens_per_s"])
+        return report
+
     async def check_health(self) -> None:
         """Fails when the engine cannot run a forward pass. While requests are running the engine is proven to
         work; when idle, a one-sequence probe runs (milliseconds)."""
@@ -259,8 +301,11 @@ class ModelServer:
             self._held -= 1
             self._online_seen_at = time.monotonic()
 
-    async def _tokenize(self, size: int, tokenize, *args):
-        """`size` (characters, or token ids) decides where: see INLINE_TOKENIZE_MAX_CHARS."""
+    async def _tokenize(self, size: int, estimate: int, background: bool, tokenize, *args):
+        """`size` (characters, or token ids) decides where: see INLINE_TOKENIZE_MAX_CHARS. Until the job exists, the
+        autoscaling signal holds `estimate` tokens for it (a large request can take seconds to tokenize)."""
+        key = object()
+        self.work.hold(key, estimate, background)
         try:
             if size <= INLINE_TOKENIZE_MAX_CHARS and not self._tokenizing:
                 return tokenize(*args)
@@ -271,11 +316,20 @@ class ModelServer:
                 self._tokenizing -= 1
         except EngineInputError as exc:
             raise InvalidRequest(str(exc), param=exc.param) from None
+        finally:
+            self.work.release(key)
 
     def _engine_idle(self) -> bool:
         return not self._busy and not self._engine_queue
 
     async def _submit(self, job, background: bool = False):
+        self.work.hold(id(job), job_work(job), background)
+        try:
+            return await self._submit_held(job, background)
+        finally:
+            self.work.release(id(job))
+
+    async def _submit_held(self, job, background: bool):
         if background:
             self._stats["background_jobs"] += 1
             result = (await self._forward([job], background=True))[0]
@@ -348,6 +402,10 @@ class ModelServer:
                     continue
                 self._busy += 1
                 self._running = len(taken)
+                counter_before = self.engine.work.real_tokens  # the engine thread is idle here
+                self.work.run_started(time.monotonic(), counter_before, [id(job) for job, _ in taken],
+                                      queue is self._background_queue)
+                started = time.monotonic()
                 try:
                     results = await loop.run_in_executor(self._engine_thread, self._run_measured,
                                                          [job for job, _ in taken], waits)
@@ -356,6 +414,8 @@ class ModelServer:
                 finally:
                     self._busy -= 1
                     self._running = 0
+                    self.work.run_ended(time.monotonic(), self.engine.work.real_tokens - counter_before,
+                                        time.monotonic() - started)
                 self._stats["engine_runs"] += 1
                 self._stats["jobs"] += len(taken)
                 self._stats["tokens"] += tokens
@@ -396,6 +456,18 @@ class ModelServer:
         for job in jobs:
             results.extend(self._run_isolated([job]))
         return results
+
+    def _look_back_s(self) -> float:
+        autoscaling = self.config.deployment.autoscaling
+        return autoscaling.look_back_s if autoscaling is not None else 30.0
+
+    def _estimated_tokens_per_s(self) -> float:
+        autoscaling = self.config.deployment.autoscaling
+        if autoscaling is not None and autoscaling.queued_work is not None \
+                and autoscaling.queued_work.estimated_tokens_per_s is not None:
+            return autoscaling.queued_work.estimated_tokens_per_s
+        return estimated_tokens_per_s(self.facts["device"], self.facts["parameters"],
+                                      self.engine.vocab_size * self.engine.hidden_size, self.facts["cpu_threads"])
 
     def _tokenize_probe(self):
         if self.config.task == "rerank":

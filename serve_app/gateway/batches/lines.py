@@ -21,7 +21,7 @@ MAX_CUSTOM_ID_CHARS = 512
 # A failed validation reports this many problems at most (OpenAI's `errors.data`), the first ones in the file.
 MAX_REPORTED_ERRORS = 100
 # The embeddings endpoints, whose batches are limited in inputs (max_embedding_inputs), not only in lines.
-EMBEDDING_ENDPOINTS = ("/v1/embeddings", "/v2/embed")
+EMBEDDING_ENDPOINTS = ("/v1/embeddings", "/v2/embed", "/embed")
 
 
 def line_request_id(batch_id: str, position: int) -> str:
@@ -32,18 +32,18 @@ def line_request_id(batch_id: str, position: int) -> str:
 
 
 def embedding_inputs(body: Any) -> int:
-    """How many inputs an embeddings body holds, OpenAI's (`input`) or Cohere's (`texts` or `inputs`), as the
-    per-batch limit counts them (0 for what is not one)."""
+    """How many inputs an embeddings body holds, OpenAI's (`input`), Cohere's (`texts` or `inputs`) or TEI's
+    (`inputs`: a text, token ids, or a list of either), as the per-batch limit counts them (0 for what is not one)."""
     if not isinstance(body, dict):
         return 0
-    cohere = body.get("texts", body.get("inputs"))
-    if isinstance(cohere, list):
-        return len(cohere)
-    value = body.get("input")
-    if isinstance(value, str):
-        return 1
-    if isinstance(value, list) and value:
-        return 1 if all(isinstance(item, int) for item in value) else len(value)
+    if isinstance(body.get("texts"), list):
+        return len(body["texts"])
+    for name in ("input", "inputs"):
+        value = body.get(name)
+        if isinstance(value, str):
+            return 1
+        if isinstance(value, list) and value:
+            return 1 if all(isinstance(item, int) for item in value) else len(value)
     return 0
 
 
@@ -58,7 +58,7 @@ class UploadStats:
 
     def count(self, raw: bytes) -> None:
         self.lines += 1
-        if b'"/v1/embeddings"' in raw or b'"/v2/embed"' in raw:  # rerank lines are never parsed here
+        if b'"/v1/embeddings"' in raw or b'"/v2/embed"' in raw or b'"/embed"' in raw:  # rerank lines are not parsed
             try:
                 line = json.loads(raw)
             except ValueError:
