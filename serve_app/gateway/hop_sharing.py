@@ -28,8 +28,9 @@ unchanged):
 
 Only small requests share a hop (MAX_SHARED_TEXTS, MAX_SHARED_CHARS): a large request's cost is its model work, and
 a group of large ones would make one large message (Serve's gRPC transport has a 1 GiB limit, config.py). Only models
-whose replicas describe themselves with `serves_groups` get groups: those with serve_group, and a fixed replica count
-(Serve autoscales on handle calls, where a group counts once).
+whose replicas describe themselves with `serves_groups` get groups: those with serve_group and a fixed replica count
+or the queued-work autoscaling policy (Serve's request-count policy counts handle calls, where a group counts once;
+serve_app/replica/deployment.py `describe`).
 """
 
 from __future__ import annotations
