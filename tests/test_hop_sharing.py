@@ -68,11 +68,38 @@ class FakeDirectory:
         return "m"
 
 
+class ManualTimers:
+    """The sharer's max_wait_ms timers, fired only when a test says so: no test here depends on the clock."""
+
+    class Timer:
+        def __init__(self, callback):
+            self.callback, self.cancelled = callback, False
+
+        def cancel(self):
+            self.cancelled = True
+
+    def __init__(self):
+        self.started: list[ManualTimers.Timer] = []
+
+    def __call__(self, delay: float, callback) -> Timer:
+        self.started.append(self.Timer(callback))
+        return self.started[-1]
+
+    def fire(self):
+        started, self.started = self.started, []
+        for timer in started:
+            if not timer.cancelled:
+                timer.callback()
+
+
 def model_calls(call_options=None, **sharing) -> tuple[ModelCalls, FakeHandle, ModelEntry]:
     handle = FakeHandle()
-    entry = ModelEntry("m", 1.0, {"name": "m", "task": "rerank", "serves_groups": True}, handle)
+    entry = ModelEntry("m", 1.0, {"name": "m", "task": "rerank", "serves_groups": ["rerank", "embed"]}, handle)
     config = GatewayConfig(hop_sharing=sharing)
-    return ModelCalls(FakeDirectory(), config, call_options=call_options), handle, entry
+    calls = ModelCalls(FakeDirectory(), config, call_options=call_options)
+    if calls.sharer is not None:
+        calls.sharer.call_later = ManualTimers()
+    return calls, handle, entry
 
 
 async def settle():
@@ -216,14 +243,16 @@ def test_requests_a_full_replica_sends_back_go_alone():
 
 def test_the_wait_is_bounded_and_large_requests_never_wait():
     async def scenario():
-        calls, handle, entry = model_calls(max_wait_ms=0)
+        calls, handle, entry = model_calls()
         first = rerank(calls, entry, "q0")
         await settle()
         large = rerank(calls, entry, "large", ["x" * (MAX_SHARED_CHARS + 1)])
         a, b = rerank(calls, entry, "a"), rerank(calls, entry, "b")
         await settle()
-        # The large request went at once, by its own method; the small ones went after max_wait_ms, though the first
-        # call has not returned.
+        assert [r.method for r in handle.sent] == ["rerank", "rerank"]  # the large request went at once, alone
+        calls.sharer.call_later.fire()  # max_wait_ms passes
+        await settle()
+        # The small ones went when their wait ran out, though the first call has not returned.
         assert [r.method for r in handle.sent] == ["rerank", "rerank", "serve_group"]
         for response, answer in zip(handle.sent, ({"scores": [0.0]}, {"scores": [9.0]},
                                                   [{"scores": [1.0]}, {"scores": [2.0]}])):
@@ -268,6 +297,21 @@ def test_background_calls_never_share_a_call_with_online_ones():
         handle.sent[2].answer([{"scores": [1.0]}, {"scores": [2.0]}])
         assert await online == await background == {"scores": [0.0]}
         assert [await t for t in waiting] == [{"scores": [1.0]}, {"scores": [2.0]}]
+
+    asyncio.run(scenario())
+
+
+def test_methods_the_replica_does_not_group_always_get_their_own_call():
+    """TEI's and vLLM's tokenize and detokenize go through the same ModelCalls, but serve_group runs rerank and
+    embed only: concurrent tokenize calls must each go alone, never as a group the replica would refuse."""
+    async def scenario():
+        calls, handle, entry = model_calls()
+        tasks = [asyncio.create_task(calls.call(entry, "tokenize", [f"text {n}"], True, None, None)) for n in range(3)]
+        await settle()
+        assert [r.method for r in handle.sent] == ["tokenize"] * 3
+        for response in handle.sent:
+            response.answer({"tokens": []})
+        await asyncio.gather(*tasks)
 
     asyncio.run(scenario())
 
@@ -384,10 +428,10 @@ def test_models_on_the_request_count_policy_take_no_groups(tiny_reranker_path):
                                             "device": "cpu", "deployment": deployment})
         return asyncio.run(server.describe())
 
-    assert facts({"num_replicas": 2})["serves_groups"] is True
-    assert facts({"autoscaling": {"min_replicas": 1, "max_replicas": 4}})["serves_groups"] is False
+    assert facts({"num_replicas": 2})["serves_groups"] == ["rerank", "embed"]
+    assert facts({"autoscaling": {"min_replicas": 1, "max_replicas": 4}})["serves_groups"] == []
     assert facts({"autoscaling": {"min_replicas": 1, "max_replicas": 4,
-                                  "queued_work": {"target_queue_seconds": 1}}})["serves_groups"] is True
+                                  "queued_work": {"target_queue_seconds": 1}}})["serves_groups"] == ["rerank", "embed"]
 
 
 # ---- the real served app ---------------------------------------------------------------------------------------

@@ -122,9 +122,11 @@ class ModelCalls:
 
     def _send(self, entry: ModelEntry, method: str, args: tuple):
         """The model call, made now or shared with others (a DeploymentResponse or a SharedCall: both are awaited for
-        the answer and cancelled alike). Models whose replicas cannot answer a group (`serves_groups` missing from
-        their description) and large requests always get a call of their own."""
-        if self.sharer is not None and entry.facts.get("serves_groups") and shareable(args):
+        the answer and cancelled alike). Only the methods the model's replicas list in `serves_groups` share calls
+        (rerank and embed, not tokenize or detokenize; none for a replica without serve_group or one Serve scales on
+        handle calls), and large requests always get a call of their own."""
+        groups = entry.facts.get("serves_groups")
+        if self.sharer is not None and isinstance(groups, list) and method in groups and shareable(args):
             return self.sharer.send(entry, method, args, self.call_options)
         return entry.method(method).remote(*args, **self.call_options)
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,7 +178,7 @@ class Lane:
     options: dict[str, Any]
     in_flight: int = 0
     waiting: list[SharedCall] = field(default_factory=list)
-    timer: asyncio.TimerHandle | None = None
+    timer: Any = None  # the max_wait_ms timer (an asyncio.TimerHandle) while requests wait
 
     def send(self, args: tuple) -> LoneCall | SharedCall:
         if self.in_flight < self.sharer.config.max_calls_in_flight and not self.waiting:
@@ -192,7 +193,7 @@ class Lane:
         if len(self.waiting) >= self.sharer.config.max_items:
             self.flush()
         elif self.timer is None:
-            self.timer = loop.call_later(self.sharer.config.max_wait_ms / 1000, self.flush)
+            self.timer = self.sharer.call_later(self.sharer.config.max_wait_ms / 1000, self.flush)
         return request
 
     def leave(self, request: SharedCall) -> None:
@@ -270,8 +271,11 @@ class Lane:
 class HopSharer:
     """The lanes of one carrier (a gateway replica, a batch runner replica), by model, method and call options."""
 
-    def __init__(self, config: HopSharingConfig):
+    def __init__(self, config: HopSharingConfig, call_later: Callable[[float, Callable[[], None]], Any] | None = None):
+        """`call_later(seconds, callback)` starts the max_wait_ms timer and returns something with cancel(): the
+        running loop's own by default; tests pass one they fire themselves, so no test depends on the clock."""
         self.config = config
+        self.call_later = call_later or (lambda delay, callback: asyncio.get_running_loop().call_later(delay, callback))
         self._lanes: dict[tuple, Lane] = {}
         # calls: handle calls made; groups / grouped_requests: the calls that carried several requests, and those
         # requests; sent_back: requests a full replica returned, then sent alone.

@@ -142,16 +142,17 @@ class ModelServer:
     async def describe(self) -> dict[str, Any]:
         # The price as decimal text: only text and numbers cross the hop, and the gateway debits by it exactly.
         price = self.config.price.model_dump(mode="json", exclude_none=True) if self.config.price else None
-        # `serves_groups`: the gateway may send this model several requests in one call (serve_group); a gateway
-        # newer than the model's replicas finds no such fact and sends them nothing they cannot answer. Not for a
-        # model on Serve's request-count policy: it scales on ongoing handle calls (target_ongoing_requests), where a
-        # group of 30 requests would count as one. The queued-work policy counts the tokens each request holds, so
-        # grouping does not hide load from it.
+        # `serves_groups`: the methods whose requests the gateway may send this model several at a time, in one call
+        # (serve_group); a gateway newer than the model's replicas finds no such list and sends them nothing they
+        # cannot answer. None for a model on Serve's request-count policy: it scales on ongoing handle calls
+        # (target_ongoing_requests), where a group of 30 requests would count as one. The queued-work policy counts
+        # the tokens each request holds, so grouping does not hide load from it.
         autoscaling = self.config.deployment.autoscaling
         return {**self.facts, "name": self.config.name, "aliases": list(self.config.aliases),
                 "token_budget": self.engine.token_budget, "max_batch_tokens": self._batching.max_batch_tokens,
                 "max_ongoing_requests": self.config.deployment.max_ongoing_requests, "price": price,
-                "serves_groups": autoscaling is None or autoscaling.queued_work is not None}
+                "serves_groups": list(GROUPABLE_METHODS) if autoscaling is None or autoscaling.queued_work is not None
+                else []}
 
     async def rerank(self, query: str, documents: list[str], instruction: str | None = None,
                      max_tokens_per_doc: int | None = None, truncate: bool = True,
