@@ -105,9 +105,10 @@ def serve_logs() -> Path:
     return Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
 
 
-def hop_medians(since: datetime, until: datetime) -> dict[str, float]:
-    """Median latency each Serve process logged for the requests it handled between `since` and `until`: the proxy
-    and each replica, keyed by log file (proxy, replica_<app>_<deployment>). Each hop includes the ones after it."""
+def hop_medians(since: datetime, until: datetime, floor: bool) -> dict[str, float]:
+    """Median latency each Serve process logged for the floor's (or our) requests it handled between `since` and
+    `until`: the proxy and each replica, keyed by log file (proxy, replica_<app>_<deployment>). Each hop includes the
+    ones after it. The other target's lines are left out: some of them fell inside the window (seen under HAProxy)."""
     latencies: dict[str, list[float]] = {}
     for log in serve_logs().glob("*.log"):
         if not log.name.startswith(("proxy", "replica")):
@@ -118,7 +119,8 @@ def hop_medians(since: datetime, until: datetime) -> dict[str, float]:
             if match is None:
                 continue
             stamp = datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S").replace(microsecond=int(match[2]) * 1000)
-            if since <= stamp <= until and "/health" not in match[3]:
+            of_floor = who.startswith("floor_") or match[3].startswith("/floor")
+            if since <= stamp <= until and "/health" not in match[3] and of_floor == floor:
                 latencies.setdefault(who, []).append(float(match[4]))
     return {who: statistics.median(values) for who, values in sorted(latencies.items())}
 
@@ -272,7 +274,7 @@ def main() -> None:
             time.sleep(2)  # Serve's access logs are written asynchronously
             for (target, kind), entry in results.items():
                 if target != "engine":
-                    hops = hop_medians(*entry["window"])
+                    hops = hop_medians(*entry["window"], floor=target == "floor")
                     print(f"  hops, {target} {kind} (medians of Serve's access logs, last round): "
                           + ", ".join(f"{who} {ms:.2f} ms" for who, ms in hops.items()))
 
