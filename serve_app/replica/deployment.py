@@ -162,9 +162,9 @@ class ModelServer:
         chunks = max_chunks_per_doc or self.config.max_chunks_per_doc or 1
         with self._admitted(background):
             size = len(query) + sum(map(len, documents))
-            job = await self._tokenize(size, estimated_work(size, len(documents), texts=True), background,
-                                       self.engine.tokenize, query, documents, instruction, max_tokens_per_doc,
-                                       truncate, chunks)
+            job = await self._tokenize(size, self.engine.tokenize, query, documents, instruction, max_tokens_per_doc,
+                                       truncate, chunks, estimate=estimated_work(size, len(documents), texts=True),
+                                       background=background)
             result = await self._submit(job, background)
         return {"scores": result.scores, "logits": result.logits, "token_counts": result.token_counts,
                 "windows": result.windows}
@@ -184,8 +184,9 @@ class ModelServer:
         with self._admitted(background):
             size = sum(map(len, inputs))
             texts = not inputs or isinstance(inputs[0], str)  # else token ids: size is their count
-            job = await self._tokenize(size, estimated_work(size, 0, texts), background, self.engine.tokenize,
-                                       inputs, instruction, dimensions, truncate, truncate_side, max_tokens, normalize)
+            job = await self._tokenize(size, self.engine.tokenize, inputs, instruction, dimensions, truncate,
+                                       truncate_side, max_tokens, normalize, estimate=estimated_work(size, 0, texts),
+                                       background=background)
             result = await self._submit(job, background)
         answer = {"embeddings": result.embeddings, "token_counts": result.token_counts}
         if with_ranges:
@@ -301,11 +302,13 @@ class ModelServer:
             self._held -= 1
             self._online_seen_at = time.monotonic()
 
-    async def _tokenize(self, size: int, estimate: int, background: bool, tokenize, *args):
+    async def _tokenize(self, size: int, tokenize, *args, estimate: int = 0, background: bool = False):
         """`size` (characters, or token ids) decides where: see INLINE_TOKENIZE_MAX_CHARS. Until the job exists, the
-        autoscaling signal holds `estimate` tokens for it (a large request can take seconds to tokenize)."""
+        autoscaling signal holds `estimate` tokens for it (a large request can take seconds to tokenize); 0 for a
+        call that makes no engine work (the tokenize and detokenize endpoints)."""
         key = object()
-        self.work.hold(key, estimate, background)
+        if estimate:
+            self.work.hold(key, estimate, background)
         try:
             if size <= INLINE_TOKENIZE_MAX_CHARS and not self._tokenizing:
                 return tokenize(*args)
