@@ -330,8 +330,8 @@ def test_haproxy_on_the_head_reaches_a_gateway_replica_on_another_node(multinode
     config["applications"].append(model_application("rr-cpu", "rerank", tiny_reranker_path, num_gpus=0))
     multinode.serve.deploy(config)
     details = _get_global_client().get_serve_details()
-    gateway_nodes = {replica["node_id"] for deployment in details["applications"]["gateway"]["deployments"].values()
-                     for replica in deployment["replicas"] if replica["state"] == "RUNNING"}
+    gateway_nodes = {replica["node_id"] for replica in details["applications"]["gateway"]["deployments"]["Gateway"][
+        "replicas"] if replica["state"] == "RUNNING"}  # the app's BatchRunner stays on the head
     head = multinode.cluster.head_node.node_id
     assert gateway_nodes and head not in gateway_nodes
     assert_right(rerank(multinode.serve.url, "rr-cpu"), reference.scores(QUERY, DOCUMENTS))
