@@ -202,8 +202,8 @@ class ModelServer:
             raise InvalidRequest(f"model {self.config.name!r} is an embed model: query applies to rerankers",
                                  param="query")
         options = {"query": query} if self.config.task == "rerank" else {}
-        # No forward pass follows, so the autoscaling signal holds nothing for it (estimate 0).
-        tokens = await self._tokenize(sum(map(len, texts)), 0, False, functools.partial(
+        # No forward pass follows, so the autoscaling signal holds nothing for it (no estimate).
+        tokens = await self._tokenize(sum(map(len, texts)), functools.partial(
             self.engine.text_tokens, texts, instruction=instruction, add_special_tokens=add_special_tokens,
             **options))
         return {"max_length": self.engine.max_length,
@@ -212,8 +212,7 @@ class ModelServer:
 
     async def detokenize(self, sequences: list[list[int]], skip_special_tokens: bool = True) -> dict[str, Any]:
         """Token ids back to text, one string per sequence (TEI's /decode, vLLM's /detokenize)."""
-        texts = await self._tokenize(sum(map(len, sequences)), 0, False, self.engine.decode, sequences,
-                                     skip_special_tokens)
+        texts = await self._tokenize(sum(map(len, sequences)), self.engine.decode, sequences, skip_special_tokens)
         return {"texts": texts}
 
     async def serve_group(self, method: str, calls: list[list], *, background: bool = False) -> list:
