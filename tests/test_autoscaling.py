@@ -224,6 +224,10 @@ def test_the_replica_reports_its_signal(tiny_reranker_path):
     assert after[ONLINE_TOKENS] == 0 and after[ONLINE_REQUESTS] == 0 and after[MEASURED] == 1
     assert after[TOKENS_PER_S] == pytest.approx(server.work.total_tokens / server.work.total_seconds)
     assert server.work.total_tokens == held[ONLINE_TOKENS]  # what the engine computed is what was held
+    # The tokenize and detokenize endpoints share the tokenizer path but make no engine work: they hold nothing.
+    counted = asyncio.run(server.tokenize(["pandas eat bamboo"], query="what do pandas eat?"))
+    decoded = asyncio.run(server.detokenize([server.engine.encode_text("bamboo").tolist()]))
+    assert counted["texts"] and decoded == {"texts": ["bamboo"]} and server.work.held == {}
 
 
 def test_the_per_device_estimate():

@@ -163,9 +163,9 @@ class ModelServer:
         chunks = max_chunks_per_doc or self.config.max_chunks_per_doc or 1
         with self._admitted(background):
             size = len(query) + sum(map(len, documents))
-            job = await self._tokenize(size, estimated_work(size, len(documents), texts=True), background,
-                                       self.engine.tokenize, query, documents, instruction, max_tokens_per_doc,
-                                       truncate, chunks)
+            job = await self._tokenize(size, self.engine.tokenize, query, documents, instruction, max_tokens_per_doc,
+                                       truncate, chunks, estimate=estimated_work(size, len(documents), texts=True),
+                                       background=background)
             result = await self._submit(job, background)
         return {"scores": result.scores, "logits": result.logits, "token_counts": result.token_counts,
                 "windows": result.windows}
@@ -185,8 +185,9 @@ class ModelServer:
         with self._admitted(background):
             size = sum(map(len, inputs))
             texts = not inputs or isinstance(inputs[0], str)  # else token ids: size is their count
-            job = await self._tokenize(size, estimated_work(size, 0, texts), background, self.engine.tokenize,
-                                       inputs, instruction, dimensions, truncate, truncate_side, max_tokens, normalize)
+            job = await self._tokenize(size, self.engine.tokenize, inputs, instruction, dimensions, truncate,
+                                       truncate_side, max_tokens, normalize, estimate=estimated_work(size, 0, texts),
+                                       background=background)
             result = await self._submit(job, background)
         answer = {"embeddings": result.embeddings, "token_counts": result.token_counts}
         if with_ranges:
@@ -202,8 +203,8 @@ class ModelServer:
             raise InvalidRequest(f"model {self.config.name!r} is an embed model: query applies to rerankers",
                                  param="query")
         options = {"query": query} if self.config.task == "rerank" else {}
-        # No forward pass follows, so the autoscaling signal holds nothing for it (estimate 0).
-        tokens = await self._tokenize(sum(map(len, texts)), 0, False, functools.partial(
+        # No forward pass follows, so the autoscaling signal holds nothing for it (no estimate).
+        tokens = await self._tokenize(sum(map(len, texts)), functools.partial(
             self.engine.text_tokens, texts, instruction=instruction, add_special_tokens=add_special_tokens,
             **options))
         return {"max_length": self.engine.max_length,
@@ -212,8 +213,7 @@ class ModelServer:
 
     async def detokenize(self, sequences: list[list[int]], skip_special_tokens: bool = True) -> dict[str, Any]:
         """Token ids back to text, one string per sequence (TEI's /decode, vLLM's /detokenize)."""
-        texts = await self._tokenize(sum(map(len, sequences)), 0, False, self.engine.decode, sequences,
-                                     skip_special_tokens)
+        texts = await self._tokenize(sum(map(len, sequences)), self.engine.decode, sequences, skip_special_tokens)
         return {"texts": texts}
 
     async def serve_group(self, method: str, calls: list[list], *, background: bool = False) -> list:
@@ -304,11 +304,13 @@ class ModelServer:
             self._held -= 1
             self._online_seen_at = time.monotonic()
 
-    async def _tokenize(self, size: int, estimate: int, background: bool, tokenize, *args):
+    async def _tokenize(self, size: int, tokenize, *args, estimate: int = 0, background: bool = False):
         """`size` (characters, or token ids) decides where: see INLINE_TOKENIZE_MAX_CHARS. Until the job exists, the
-        autoscaling signal holds `estimate` tokens for it (a large request can take seconds to tokenize)."""
+        autoscaling signal holds `estimate` tokens for it (a large request can take seconds to tokenize); 0 for a
+        call that makes no engine work (the tokenize and detokenize endpoints)."""
         key = object()
-        self.work.hold(key, estimate, background)
+        if estimate:
+            self.work.hold(key, estimate, background)
         try:
             if size <= INLINE_TOKENIZE_MAX_CHARS and not self._tokenizing:
                 return tokenize(*args)
