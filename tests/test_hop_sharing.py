@@ -198,16 +198,23 @@ def test_a_request_cancelled_after_the_group_was_sent_is_dropped_and_the_last_on
     asyncio.run(scenario())
 
 
+async def two_grouped_behind_a_lone_call(calls, handle, entry):
+    """Requests a and b arrive while a lone request's call is in flight; once it is answered they go as one group
+    (handle.sent[1])."""
+    first = rerank(calls, entry, "q0")
+    await settle()
+    a, b = rerank(calls, entry, "a"), rerank(calls, entry, "b")
+    await settle()
+    handle.sent[0].answer({"scores": [0.0]})
+    await first
+    await settle()
+    return a, b
+
+
 def test_a_group_whose_replica_died_is_retried_request_by_request():
     async def scenario():
         calls, handle, entry = model_calls()
-        first = rerank(calls, entry, "q0")
-        await settle()
-        a, b = rerank(calls, entry, "a"), rerank(calls, entry, "b")
-        await settle()
-        handle.sent[0].answer({"scores": [0.0]})
-        await first
-        await settle()
+        a, b = await two_grouped_behind_a_lone_call(calls, handle, entry)
         handle.sent[1].future.set_exception(RayActorError())  # the replica died holding the group
         await settle()
         # Each request retries as its single call would: the first alone, the other waiting for it.
@@ -224,13 +231,7 @@ def test_a_group_whose_replica_died_is_retried_request_by_request():
 def test_requests_a_full_replica_sends_back_go_alone():
     async def scenario():
         calls, handle, entry = model_calls()
-        first = rerank(calls, entry, "q0")
-        await settle()
-        a, b = rerank(calls, entry, "a"), rerank(calls, entry, "b")
-        await settle()
-        handle.sent[0].answer({"scores": [0.0]})
-        await first
-        await settle()
+        a, b = await two_grouped_behind_a_lone_call(calls, handle, entry)
         handle.sent[1].answer([{"scores": [1.0]}, None])  # the replica held max_ongoing_requests already
         await settle()
         assert (handle.sent[2].method, handle.sent[2].args) == ("rerank", ("b", ["d"]))
