@@ -26,9 +26,9 @@ same vectors. Targets (issue 25): ours p50 at most Infinity's, requests/s at lea
 Ours starts as the other benchmarks start it (serve_bench.start_serve): behind HAProxy, the project's default, unless
 QWEN3_SERVE_HAPROXY=0 is in the environment; `--haproxy` / `--no-haproxy` set that switch (which sets
 RAY_SERVE_ENABLE_HA_PROXY for our Ray instance) for this run. Infinity runs from its own virtualenv
-(`--infinity-venv`, default /work/peers/infinity), never from the project's; install it once with
+(`--infinity-venv`, default .peers/infinity in the repository, git-ignored), never from the project's; install it once with
 
-    python3 -m venv /work/peers/infinity && /work/peers/infinity/bin/pip install torch==2.13.0 'infinity-emb[server,torch]==0.0.78'
+    python3 -m venv .peers/infinity && .peers/infinity/bin/pip install torch==2.13.0 'infinity-emb[server,torch]==0.0.78'
 
 Both get the same torch threads (ours: the model replica's num_cpus; Infinity: OMP_NUM_THREADS). The load generator
 runs in this process, on the same cores as the servers; each server's line prints the load average around its
@@ -350,7 +350,7 @@ def main() -> None:
     parser.add_argument("--database", default="sqlite", choices=["sqlite", "postgres"], help="our keys and ledger")
     parser.add_argument("--haproxy", action=argparse.BooleanOptionalAction, default=None,
                         help="our ingress: QWEN3_SERVE_HAPROXY=1 / 0 for this run (default: the environment's; on)")
-    parser.add_argument("--infinity-venv", default="/work/peers/infinity")
+    parser.add_argument("--infinity-venv", default=str(REPO / ".peers" / "infinity"))
     parser.add_argument("--latency-samples", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rate-requests", type=int, default=2000, help="requests of the timed saturation run")

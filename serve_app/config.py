@@ -42,6 +42,8 @@ GATEWAY_IMPORT_PATH = "serve_app.app:gateway_app"
 # The deployment class name inside every model application; the gateway discovers models by it.
 MODEL_DEPLOYMENT_NAME = "ModelServer"
 GATEWAY_DEPLOYMENT_NAME = "Gateway"
+# The token-aware autoscaling policy (`autoscaling.queued_work`), as Serve imports it in its controller.
+QUEUED_WORK_POLICY = "serve_app.replica.autoscaling:QueuedWorkPolicy"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -81,15 +83,44 @@ class BatchingConfig(Strict):
     background_grace_ms: float = Field(default=100.0, ge=0, le=10_000)
 
 
+class QueuedWorkConfig(Strict):
+    """Scale a model on the work its replicas hold, in tokens, instead of on the number of requests
+    (serve_app/replica/autoscaling.py): enough replicas that the online tokens queued drain within
+    target_queue_seconds at the tokens per second the replicas have been computing."""
+
+    # How long the online work queued in a model's replicas may take to drain at their measured throughput: the
+    # queue wait the policy steers towards. Lower: more replicas, sooner.
+    target_queue_seconds: float = Field(default=1.0, gt=0)
+    # Background work (Batch API lines) alone never adds replicas while this is None: it fills the capacity online
+    # traffic leaves. A number: replicas are also added so that background work drains within this many seconds.
+    background_queue_seconds: float | None = Field(default=None, gt=0)
+    # What a replica assumes it computes before it has measured it (tokens per second). None: the per-device
+    # estimate in serve_app/replica/autoscaling.py (from the device and the model's parameters).
+    estimated_tokens_per_s: float | None = Field(default=None, gt=0)
+
+    def policy_kwargs(self) -> dict[str, Any]:
+        return {"target_queue_seconds": self.target_queue_seconds,
+                "background_queue_seconds": self.background_queue_seconds}
+
+
+DEFAULT_TARGET_ONGOING_REQUESTS = 8.0
+
+
 class AutoscalingConfig(Strict):
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=4, ge=1)
     initial_replicas: int | None = Field(default=None, ge=0)
-    # In-flight requests per replica that Serve steers towards. Model replicas batch, so a few queued
-    # requests are what keeps batches full.
-    target_ongoing_requests: float = Field(default=8, gt=0)
+    # Serve's request-count policy: in-flight requests per replica that Serve steers towards (None: 8). Model
+    # replicas batch, so a few queued requests are what keeps batches full. Not with queued_work.
+    target_ongoing_requests: float | None = Field(default=None, gt=0)
+    # The token-aware policy instead of Serve's request count (models only). Leave it out to fall back to Serve's.
+    queued_work: QueuedWorkConfig | None = None
     upscale_delay_s: float = Field(default=10, ge=0)
     downscale_delay_s: float = Field(default=300, ge=0)
+    # Serve's smoothing, applied to either policy's decision: the fraction of the step from the current to the
+    # wanted replica count taken at once (None: 1, the whole step).
+    upscaling_factor: float | None = Field(default=None, gt=0)
+    downscaling_factor: float | None = Field(default=None, gt=0)
     # Over how long Serve averages the load it scales on (Serve's default 30 s when unset): shorter reacts faster
     # to bursts and follows noise more.
     look_back_period_s: float | None = Field(default=None, gt=0)
@@ -111,7 +142,25 @@ class AutoscalingConfig(Strict):
             raise ValueError(
                 f"look_back_period_s ({look_back:g}{'' if self.look_back_period_s else ', Serve default'}) must be "
                 f"longer than metrics_interval_s ({interval:g}{'' if self.metrics_interval_s else ', Serve default'})")
+        if self.queued_work is not None and self.target_ongoing_requests is not None:
+            raise ValueError("target_ongoing_requests is the request-count policy's target and queued_work replaces "
+                             "that policy: set one of them")
         return self
+
+    @property
+    def look_back_s(self) -> float:
+        """The look-back window Serve uses (its default when unset)."""
+        return self.look_back_period_s or 30.0
+
+    def serve_options(self) -> dict[str, Any]:
+        """Serve's `autoscaling_config`: queued_work becomes Serve's `policy` (our policy's import path and its
+        kwargs); without it Serve's default request-count policy applies."""
+        options = self.model_dump(exclude_none=True, exclude={"queued_work"})
+        options.setdefault("target_ongoing_requests", DEFAULT_TARGET_ONGOING_REQUESTS)
+        if self.queued_work is not None:
+            options["policy"] = {"policy_function": QUEUED_WORK_POLICY,
+                                 "policy_kwargs": self.queued_work.policy_kwargs()}
+        return options
 
 
 # The gateway calls models over Serve's gRPC transport (handles with _by_reference=False), whose receive limit is
@@ -170,7 +219,7 @@ class DeploymentOptions(Strict):
             "max_constructor_retry_count": self.max_constructor_retries,
         }
         if self.autoscaling is not None:
-            options["autoscaling_config"] = self.autoscaling.model_dump(exclude_none=True)
+            options["autoscaling_config"] = self.autoscaling.serve_options()
         else:
             options["num_replicas"] = self.num_replicas or 1
         return options
@@ -337,6 +386,7 @@ class BatchesConfig(Strict):
         if self.lease_s < 2 * self.poll_s:
             raise ValueError(f"lease_s ({self.lease_s}) must be at least twice poll_s ({self.poll_s}): the lease is "
                              "renewed every poll_s")
+        _no_queued_work(self.runner, "runner")
         return self
 
 
@@ -358,6 +408,24 @@ class TEIConfig(Strict):
     # TEI's --auto-truncate: what `truncate` is when a TEI request leaves it out (TEI's default: false, so an input
     # longer than the model's max_length is refused with 413 rather than cut).
     auto_truncate: bool = False
+
+
+class HopSharingConfig(Strict):
+    """Concurrent requests for one model sharing the hop to it (serve_app/gateway/hop_sharing.py). A request that finds
+    no call to its model (same method) in flight from its gateway replica is sent at once, alone; requests that come
+    while one is in flight wait in the gateway until a call to that model returns, at most `max_wait_ms`, and then go
+    together in one handle call of at most `max_items` requests. Each keeps its own answer, error, usage row and
+    cancellation."""
+
+    enabled: bool = True
+    max_items: int = Field(default=32, ge=2, le=256)
+    # Calls to one model a gateway replica lets run at once before requests wait to share the next. 1 shares the
+    # most (a call carries whatever arrived during the one before); more lets requests at light load go in parallel,
+    # each at once, as without sharing.
+    max_calls_in_flight: int = Field(default=1, ge=1, le=64)
+    # The longest a request waits in the gateway for the call in flight to return; past it the requests gathered
+    # so far go anyway, so a slow call (a large request) never holds small ones back for long.
+    max_wait_ms: float = Field(default=10.0, ge=0, le=1000)
 
 
 class GatewayConfig(Strict):
@@ -388,6 +456,19 @@ class GatewayConfig(Strict):
     request_timeout_s: float = Field(default=120, gt=0)
     # Tries of a model call whose replica died before answering (1 = no retry). Safe: models are pure functions.
     model_call_attempts: int = Field(default=3, ge=1, le=10)
+    hop_sharing: HopSharingConfig = Field(default_factory=HopSharingConfig)
+
+    @model_validator(mode="after")
+    def _scales_on_requests(self) -> "GatewayConfig":
+        _no_queued_work(self.deployment, "deployment")
+        return self
+
+
+def _no_queued_work(options: DeploymentOptions, where: str) -> None:
+    """Only model replicas report the work they hold; any other deployment scales on Serve's request count."""
+    if options.autoscaling is not None and options.autoscaling.queued_work is not None:
+        raise ValueError(f"{where}.autoscaling.queued_work: only model deployments report queued work; this one "
+                         "scales on target_ongoing_requests")
 
 
 # ---- the whole Serve config file ---------------------------------------------------------------------------

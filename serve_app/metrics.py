@@ -9,7 +9,7 @@ Metric objects are created in the replica that uses them (they must be made insi
 
 from __future__ import annotations
 
-from ray.serve.metrics import Counter, Histogram
+from ray.serve.metrics import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 BATCH_JOB_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -65,6 +65,12 @@ class ModelMetrics:
                                          tag_keys=("model",))
         self.engine_seconds = Counter("qwen3_engine_seconds", "Seconds the engine spent in forward runs",
                                       tag_keys=("model",))
+        # The autoscaling signal (serve_app/replica/autoscaling.py), set each time Serve asks the replica for it.
+        self.held_tokens = Gauge("qwen3_held_tokens", "Tokens this replica holds: queued plus the rest of the running "
+                                 "pass; kind online or background (Batch API)", tag_keys=("model", "kind"))
+        self.tokens_per_second = Gauge("qwen3_tokens_per_second", "Tokens per engine-busy second over the autoscaling "
+                                       "look-back window (the per-device estimate until measured)",
+                                       tag_keys=("model",))
 
     def engine_run(self, jobs: int, real_tokens: int, computed_slots: int, passes: int, seconds: float,
                    waits: list[float]) -> None:
@@ -78,3 +84,31 @@ class ModelMetrics:
         self.engine_seconds.inc(seconds, tags=self.tags)
         for wait in waits:
             self.queue_wait.observe(wait, tags=self.tags)
+
+    def work(self, online_tokens: float, background_tokens: float, tokens_per_s: float) -> None:
+        self.held_tokens.set(online_tokens, tags={**self.tags, "kind": "online"})
+        self.held_tokens.set(background_tokens, tags={**self.tags, "kind": "background"})
+        self.tokens_per_second.set(tokens_per_s, tags=self.tags)
+
+
+class AutoscalingMetrics:
+    """Set by the queued-work policy in Serve's controller, per model (no replica context there, so only the model
+    tag): what it saw and what it asked for. Serve's own ray_serve_autoscaling_target_replicas and
+    ray_serve_deployment_replica_healthy carry the count for either policy."""
+
+    def __init__(self):
+        self.replicas = Gauge("qwen3_autoscaling_replicas", "Running replicas of the model, as the policy saw them",
+                              tag_keys=("model",))
+        self.wanted = Gauge("qwen3_autoscaling_wanted_replicas", "Replicas the queued work calls for, before Serve's "
+                            "delays, smoothing and min/max bounds", tag_keys=("model",))
+        self.queued_tokens = Gauge("qwen3_autoscaling_queued_tokens", "Tokens queued in the model's replicas over the "
+                                   "look-back window (and at its callers), as the policy saw them; kind online or "
+                                   "background", tag_keys=("model", "kind"))
+
+    def decided(self, model: str, replicas: int, wanted: float, online_tokens: float,
+                background_tokens: float) -> None:
+        tags = {"model": model}
+        self.replicas.set(replicas, tags=tags)
+        self.wanted.set(wanted, tags=tags)
+        self.queued_tokens.set(online_tokens, tags={**tags, "kind": "online"})
+        self.queued_tokens.set(background_tokens, tags={**tags, "kind": "background"})

@@ -35,6 +35,7 @@ def test_prod_serves_all_six_models_on_gpu_fractions_with_autoscaling():
     assert sorted(m.source for m in models) == sorted(f"Qwen/Qwen3-{kind}-{size}" for kind in ("Reranker", "Embedding")
                                                       for size in ("0.6B", "4B", "8B"))
     assert all(0 < m.deployment.num_gpus < 1 and m.deployment.autoscaling for m in models)
+    assert all(m.deployment.autoscaling.queued_work for m in models)  # every model scales on its queued work
     assert sum(m.deployment.num_gpus for m in models) <= 1.0  # one replica of each fits one GPU
     gateway = GatewayConfig.model_validate(raw("prod")["applications"][0]["args"])
     assert gateway.deployment.autoscaling.min_replicas >= 2
@@ -302,7 +303,7 @@ def test_grafana_dashboard_queries_only_metrics_we_publish():
     import re
 
     metrics_source = (CONFIGS[0].parent.parent / "serve_app" / "metrics.py").read_text()
-    published = set(re.findall(r'(?:Counter|Histogram)\("(qwen3_\w+)"', metrics_source))
+    published = set(re.findall(r'(?:Counter|Gauge|Histogram)\("(qwen3_\w+)"', metrics_source))
     dashboard = json.loads((CONFIGS[0].parent / "grafana" / "qwen3-serve.json").read_text())
     used = {name for panel in dashboard["panels"] for target in panel["targets"]
             for name in re.findall(r"ray_(qwen3_\w+?)(?:_total|_bucket|_count|_sum)?\b", target["expr"])}

@@ -63,11 +63,11 @@ def test_fetch_succeeds_when_every_model_has_its_weights(tmp_path, tiny_reranker
 
 
 def test_make_serve_fetches_before_it_starts_serve():
-    """make stops at the first failing command, so a failed fetch never reaches `serve run`."""
+    """make stops at the first failing command, so a failed fetch never reaches `qwen3-serve` (serve run)."""
     result = subprocess.run(["make", "-n", "serve", "CONFIG=configs/some.yaml"], cwd=REPO, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     commands = result.stdout.splitlines()
     fetch = next(i for i, line in enumerate(commands) if "-m serve_app.replica.weights --fetch configs/some.yaml" in line)
-    serve = next(i for i, line in enumerate(commands) if "serve run configs/some.yaml" in line)
+    serve = next(i for i, line in enumerate(commands) if "qwen3-serve configs/some.yaml" in line)
     assert fetch < serve

@@ -157,6 +157,10 @@ def test_a_model_whose_application_is_not_built_yet_answers_503_by_name_and_alia
     unbuilt["deployments"] = [{"name": "ModelServer", "ray_actor_options": {"label_selector": {"qwen3-test": "none"}}}]
     try:
         served.deploy(serve_config, wait=False, unchecked_applications=[unbuilt])
+        # Each gateway replica lists the applications every model_refresh_s, and on a miss at most every 0.5 s:
+        # /ready naming the model (from any replica, several times) shows the listings have it.
+        wait_for(lambda: all(UNBUILT_RERANKER in httpx.get(f"{served.url}/ready", timeout=30).text for _ in range(4)),
+                 timeout_s=60, what="/ready naming the unbuilt model")
         for name in (UNBUILT_RERANKER, "Org/Unbuilt-Reranker"):
             response = httpx.post(f"{served.url}/v1/rerank", json={"model": name, "query": "q", "documents": ["d"]},
                                   headers=served.headers, timeout=60)

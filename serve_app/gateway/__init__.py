@@ -13,6 +13,7 @@
     protocol.py      wire schemas of the inference routes (no serving logic)
     endpoints.py     the endpoints a request or a batch line can name: wire schema + handler
     handling.py      the shared path of a parsed body: model lookup, credit check, handle call, response shaping
+    hop_sharing.py   concurrent requests for one model sharing the handle call to it, each keeping its own fate
     directory.py     the model directory: {model name or alias: Serve handle}, found at run time
     responses.py     orjson responses
     batches/         the OpenAI Batch API: its routes, and the BatchRunner deployment that runs lines through

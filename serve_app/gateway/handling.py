@@ -35,6 +35,7 @@ from serve_app.errors import (InvalidRequest, ModelNotFound, ModelUnavailable, O
                               RequestTimeout, ServingError)
 from serve_app.gateway import protocol
 from serve_app.gateway.directory import ModelDirectory, ModelEntry
+from serve_app.gateway.hop_sharing import HopSharer, shareable
 from serve_app.replica.quantization import base64_float32
 
 if TYPE_CHECKING:
@@ -77,7 +78,9 @@ class ModelCalls:
     `call_options` go with every handle call (the runner sends `background=True`, so model replicas run its work
     only when no online request waits); `admit(model)` is an async context manager around each call (the runner
     bounds its calls in flight per model with it); `credit` refuses prepaid keys whose credit is spent and learns
-    the price of each model a request resolves to (what its debit is computed with)."""
+    the price of each model a request resolves to (what its debit is computed with). With `hop_sharing` on,
+    concurrent calls to one model share handle calls (serve_app/gateway/hop_sharing.py); each is still retried,
+    timed out, cancelled and classified here as its own."""
 
     def __init__(self, directory: ModelDirectory, config: GatewayConfig, *, call_options: dict[str, Any] | None = None,
                  admit: Callable[[str], Any] | None = None, credit: CreditGuard | None = None):
@@ -86,6 +89,7 @@ class ModelCalls:
         self.call_options = call_options or {}
         self.admit = admit
         self.credit = credit
+        self.sharer = HopSharer(config.hop_sharing) if config.hop_sharing.enabled else None
 
     async def call(self, entry: ModelEntry, method: str, *args) -> dict[str, Any]:
         if self.admit is None:
@@ -99,7 +103,7 @@ class ModelCalls:
         model_call_attempts and by the request's deadline (request_timeout_s: 504 past it)."""
         deadline = time.monotonic() + self.config.request_timeout_s
         for attempt in range(1, self.config.model_call_attempts + 1):
-            response = entry.method(method).remote(*args, **self.call_options)
+            response = self._send(entry, method, args)
             try:
                 return await self._await_while_served(entry, response, deadline)
             except (RequestCancelledError, ServingError):
@@ -115,6 +119,16 @@ class ModelCalls:
             if isinstance(error, ServingError):
                 raise error from None
             raise error
+
+    def _send(self, entry: ModelEntry, method: str, args: tuple):
+        """The model call, made now or shared with others (a DeploymentResponse or a SharedCall: both are awaited for
+        the answer and cancelled alike). Only the methods the model's replicas list in `serves_groups` share calls
+        (rerank and embed, not tokenize or detokenize; none for a replica without serve_group or one Serve scales on
+        handle calls), and large requests always get a call of their own."""
+        groups = entry.facts.get("serves_groups")
+        if self.sharer is not None and isinstance(groups, list) and method in groups and shareable(args):
+            return self.sharer.send(entry, method, args, self.call_options)
+        return entry.method(method).remote(*args, **self.call_options)
 
     async def _await_while_served(self, entry: ModelEntry, response, deadline: float) -> dict[str, Any]:
         """The model's answer, unless its application is removed first or the deadline passes (504; the model
@@ -143,6 +157,8 @@ class ModelCalls:
             # Whatever ends the wait before the answer (the deadline, the model's removal, or this request being
             # cancelled because its client hung up) cancels the model call: asyncio.wait never cancels what it
             # waits on, and under the HAProxy ingress a client's disconnect reaches us only as that cancellation.
+            # A call shared with other requests (a SharedCall) drops this request alone, or is cancelled with the
+            # last one.
             if not pending.done():
                 response.cancel()
                 pending.cancel()

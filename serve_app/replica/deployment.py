@@ -20,6 +20,13 @@ they never count against max_waiting_requests: bulk work fills idle capacity, an
 the one background run in progress (only the first one after a quiet spell can meet one; the batch runner bounds how
 much one run holds by its lines in flight per model).
 
+Several gateway requests can reach the replica in one handle call (`serve_group`, sent by
+serve_app/gateway/hop_sharing.py): each of them takes the path above exactly as if it had come alone.
+
+Autoscaling: every replica keeps the tokens it holds (online and background apart) and the tokens per second its
+engine computes, and reports them to Serve's controller (`record_autoscaling_stats`), where the queued-work policy
+scales on them (serve_app/replica/autoscaling.py).
+
 Only text and numbers cross the handle hop: scores, token counts and float32 vectors.
 """
 
@@ -40,8 +47,9 @@ from ray import serve
 
 from models.errors import EngineInputError
 from serve_app.config import MODEL_DEPLOYMENT_NAME, BatchingConfig, ModelConfig
-from serve_app.errors import InternalError, InvalidRequest, Overloaded
+from serve_app.errors import InternalError, InvalidRequest, Overloaded, ServingError
 from serve_app.metrics import ModelMetrics
+from serve_app.replica.autoscaling import WorkSignal, estimated_tokens_per_s, estimated_work, job_work
 from serve_app.replica.loading import load_calibration, load_engine
 
 logger = logging.getLogger("ray.serve")
@@ -51,6 +59,8 @@ MAX_BATCHES_IN_FLIGHT = 64
 # hand-off to the tokenizer thread and back about 0.13 ms, so small requests skip the hand-off while a large one
 # never holds the event loop for more than about a millisecond.
 INLINE_TOKENIZE_MAX_CHARS = 1024
+# The methods a gateway may send several requests of in one call (serve_group).
+GROUPABLE_METHODS = ("rerank", "embed")
 
 
 class _TokenBudgetWarningFilter(logging.Filter):
@@ -103,11 +113,15 @@ class ModelServer:
         # larger than a whole batch, the rest came in `batches`. engine_runs: forward runs, each over everything
         # queued at its start (largest_run_jobs the most jobs in one). forward_tokens / padded_slots: real tokens and
         # the token slots the forward micro-batches computed (the padding efficiency; a shared query head counts once).
+        # groups / grouped_requests: serve_group calls and the requests they carried; group_requests_sent_back: those
+        # refused because the replica already held max_ongoing_requests (the gateway sends them alone instead).
         self._stats = {"jobs": 0, "tokens": 0, "immediate_jobs": 0, "solo_jobs": 0, "batches": 0, "engine_runs": 0,
                        "largest_run_jobs": 0, "engine_seconds": 0.0, "background_jobs": 0, "forward_tokens": 0,
-                       "padded_slots": 0, "micro_batches": 0}
+                       "padded_slots": 0, "micro_batches": 0, "groups": 0, "grouped_requests": 0,
+                       "group_requests_sent_back": 0}
         self._probe_job = self._tokenize_probe()
         self.metrics = ModelMetrics(self.config.name)
+        self.work = WorkSignal(self._look_back_s(), self._estimated_tokens_per_s())
 
     # ---- configuration ------------------------------------------------------------------------------------
 
@@ -128,9 +142,17 @@ class ModelServer:
     async def describe(self) -> dict[str, Any]:
         # The price as decimal text: only text and numbers cross the hop, and the gateway debits by it exactly.
         price = self.config.price.model_dump(mode="json", exclude_none=True) if self.config.price else None
+        # `serves_groups`: the methods whose requests the gateway may send this model several at a time, in one call
+        # (serve_group); a gateway newer than the model's replicas finds no such list and sends them nothing they
+        # cannot answer. None for a model on Serve's request-count policy: it scales on ongoing handle calls
+        # (target_ongoing_requests), where a group of 30 requests would count as one. The queued-work policy counts
+        # the tokens each request holds, so grouping does not hide load from it.
+        autoscaling = self.config.deployment.autoscaling
         return {**self.facts, "name": self.config.name, "aliases": list(self.config.aliases),
                 "token_budget": self.engine.token_budget, "max_batch_tokens": self._batching.max_batch_tokens,
-                "max_ongoing_requests": self.config.deployment.max_ongoing_requests, "price": price}
+                "max_ongoing_requests": self.config.deployment.max_ongoing_requests, "price": price,
+                "serves_groups": list(GROUPABLE_METHODS) if autoscaling is None or autoscaling.queued_work is not None
+                else []}
 
     async def rerank(self, query: str, documents: list[str], instruction: str | None = None,
                      max_tokens_per_doc: int | None = None, truncate: bool = True,
@@ -141,8 +163,9 @@ class ModelServer:
         chunks = max_chunks_per_doc or self.config.max_chunks_per_doc or 1
         with self._admitted(background):
             size = len(query) + sum(map(len, documents))
-            job = await self._tokenize(size, self.engine.tokenize, query, documents, instruction,
-                                       max_tokens_per_doc, truncate, chunks)
+            job = await self._tokenize(size, self.engine.tokenize, query, documents, instruction, max_tokens_per_doc,
+                                       truncate, chunks, estimate=estimated_work(size, len(documents), texts=True),
+                                       background=background)
             result = await self._submit(job, background)
         return {"scores": result.scores, "logits": result.logits, "token_counts": result.token_counts,
                 "windows": result.windows}
@@ -160,8 +183,11 @@ class ModelServer:
                                  "`python -m serve_app.replica.quantization.calibration`); float, base64, binary and "
                                  "ubinary need none", param="embedding_types", code="not_calibrated")
         with self._admitted(background):
-            job = await self._tokenize(sum(map(len, inputs)), self.engine.tokenize, inputs, instruction, dimensions,
-                                       truncate, truncate_side, max_tokens, normalize)
+            size = sum(map(len, inputs))
+            texts = not inputs or isinstance(inputs[0], str)  # else token ids: size is their count
+            job = await self._tokenize(size, self.engine.tokenize, inputs, instruction, dimensions, truncate,
+                                       truncate_side, max_tokens, normalize, estimate=estimated_work(size, 0, texts),
+                                       background=background)
             result = await self._submit(job, background)
         answer = {"embeddings": result.embeddings, "token_counts": result.token_counts}
         if with_ranges:
@@ -177,6 +203,7 @@ class ModelServer:
             raise InvalidRequest(f"model {self.config.name!r} is an embed model: query applies to rerankers",
                                  param="query")
         options = {"query": query} if self.config.task == "rerank" else {}
+        # No forward pass follows, so the autoscaling signal holds nothing for it (no estimate).
         tokens = await self._tokenize(sum(map(len, texts)), functools.partial(
             self.engine.text_tokens, texts, instruction=instruction, add_special_tokens=add_special_tokens,
             **options))
@@ -189,6 +216,41 @@ class ModelServer:
         texts = await self._tokenize(sum(map(len, sequences)), self.engine.decode, sequences, skip_special_tokens)
         return {"texts": texts}
 
+    async def serve_group(self, method: str, calls: list[list], *, background: bool = False) -> list:
+        """Several requests' calls of `method` in one handle call, sent by a gateway replica whose requests for this
+        model arrived while its previous call was in flight (serve_app/gateway/hop_sharing.py). Each call runs
+        concurrently through `method` itself, exactly as if it had come alone (tokenization, batching, the engine
+        queue, background priority, max_waiting_requests), so its result is the one a single call would get.
+
+        Returns one outcome per call, in order: its answer; the ServingError it alone raised (any other exception
+        becomes an InternalError, as the engine's per-job failures do), which the gateway raises as that request's
+        own error; or None for a call this replica did not take because it already held max_ongoing_requests
+        requests. Serve counts a group as one request against max_ongoing_requests, so without that bound a group
+        would slip past the replica's limit; the gateway sends a call that came back None alone, through Serve's
+        queue and its 503s, where it would have gone without sharing. Background calls are bounded by their
+        sender, as in `_admitted`."""
+        if method not in GROUPABLE_METHODS:
+            raise InvalidRequest(f"serve_group runs {', '.join(GROUPABLE_METHODS)}, not {method!r}")
+        serve_one = getattr(self, method)
+        self._stats["groups"] += 1
+        self._stats["grouped_requests"] += len(calls)
+
+        async def outcome(args: list):
+            if not background and self._held >= self.config.deployment.max_ongoing_requests:
+                self._stats["group_requests_sent_back"] += 1
+                return None
+            try:
+                return await serve_one(*args, background=background)
+            except ServingError as error:
+                return error
+            except Exception as exc:  # noqa: BLE001 - one call's failure is that call's answer, not the group's
+                logger.exception("%s: a grouped %s call failed", self.config.name, method)
+                return InternalError(f"model {self.config.name!r} failed on this request: {exc!r}")
+
+        # Each call is a task of its own, started in order: a call's admission (`_held`) is counted before the next
+        # one is looked at, and a cancelled group (every request of it gone) cancels them all.
+        return list(await asyncio.gather(*(outcome(args) for args in calls)))
+
     async def stats(self) -> dict[str, Any]:
         """Batching counters (how many jobs shared forward passes), the requests inside this replica now, and where
         it runs: its node and the GPU ids Ray gave it (a fractional replica shares its GPU id with its neighbours)."""
@@ -197,6 +259,13 @@ class ModelServer:
                      "gpu_ids": [str(gpu) for gpu in context.get_accelerator_ids().get("GPU", [])]}
         return {**self._stats, "requests_inside": self._held, "batching": self._batching.model_dump(),
                 "placement": placement}
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """The autoscaling signal (serve_app/replica/autoscaling.py), which Serve asks for every record interval
+        of a deployment with `autoscaling` and hands to the policy; the same numbers go to Prometheus."""
+        report = self.work.report(time.monotonic(), self.engine.work.real_tokens, self._held)
+        self.metrics.work(report["online_tokens"], report["background_tokens"], report["tokens_per_s"])
+        return report
 
     async def check_health(self) -> None:
         """Fails when the engine cannot run a forward pass. While requests are running the engine is proven to
@@ -235,8 +304,13 @@ class ModelServer:
             self._held -= 1
             self._online_seen_at = time.monotonic()
 
-    async def _tokenize(self, size: int, tokenize, *args):
-        """`size` (characters, or token ids) decides where: see INLINE_TOKENIZE_MAX_CHARS."""
+    async def _tokenize(self, size: int, tokenize, *args, estimate: int = 0, background: bool = False):
+        """`size` (characters, or token ids) decides where: see INLINE_TOKENIZE_MAX_CHARS. Until the job exists, the
+        autoscaling signal holds `estimate` tokens for it (a large request can take seconds to tokenize); 0 for a
+        call that makes no engine work (the tokenize and detokenize endpoints)."""
+        key = object()
+        if estimate:
+            self.work.hold(key, estimate, background)
         try:
             if size <= INLINE_TOKENIZE_MAX_CHARS and not self._tokenizing:
                 return tokenize(*args)
@@ -247,11 +321,20 @@ class ModelServer:
                 self._tokenizing -= 1
         except EngineInputError as exc:
             raise InvalidRequest(str(exc), param=exc.param) from None
+        finally:
+            self.work.release(key)
 
     def _engine_idle(self) -> bool:
         return not self._busy and not self._engine_queue
 
     async def _submit(self, job, background: bool = False):
+        self.work.hold(id(job), job_work(job), background)
+        try:
+            return await self._submit_held(job, background)
+        finally:
+            self.work.release(id(job))
+
+    async def _submit_held(self, job, background: bool):
         if background:
             self._stats["background_jobs"] += 1
             result = (await self._forward([job], background=True))[0]
@@ -324,6 +407,10 @@ class ModelServer:
                     continue
                 self._busy += 1
                 self._running = len(taken)
+                counter_before = self.engine.work.real_tokens  # the engine thread is idle here
+                self.work.run_started(time.monotonic(), counter_before, [id(job) for job, _ in taken],
+                                      queue is self._background_queue)
+                started = time.monotonic()
                 try:
                     results = await loop.run_in_executor(self._engine_thread, self._run_measured,
                                                          [job for job, _ in taken], waits)
@@ -332,6 +419,8 @@ class ModelServer:
                 finally:
                     self._busy -= 1
                     self._running = 0
+                    self.work.run_ended(time.monotonic(), self.engine.work.real_tokens - counter_before,
+                                        time.monotonic() - started)
                 self._stats["engine_runs"] += 1
                 self._stats["jobs"] += len(taken)
                 self._stats["tokens"] += tokens
@@ -372,6 +461,18 @@ class ModelServer:
         for job in jobs:
             results.extend(self._run_isolated([job]))
         return results
+
+    def _look_back_s(self) -> float:
+        autoscaling = self.config.deployment.autoscaling
+        return autoscaling.look_back_s if autoscaling is not None else 30.0
+
+    def _estimated_tokens_per_s(self) -> float:
+        autoscaling = self.config.deployment.autoscaling
+        if autoscaling is not None and autoscaling.queued_work is not None \
+                and autoscaling.queued_work.estimated_tokens_per_s is not None:
+            return autoscaling.queued_work.estimated_tokens_per_s
+        return estimated_tokens_per_s(self.facts["device"], self.facts["parameters"],
+                                      self.engine.vocab_size * self.engine.hidden_size, self.facts["cpu_threads"])
 
     def _tokenize_probe(self):
         if self.config.task == "rerank":
