@@ -26,7 +26,8 @@ same vectors. Targets (issue 25): ours p50 at most Infinity's, requests/s at lea
 Ours starts as the other benchmarks start it (serve_bench.start_serve): behind HAProxy, the project's default, unless
 QWEN3_SERVE_HAPROXY=0 is in the environment; `--haproxy` / `--no-haproxy` set that switch (which sets
 RAY_SERVE_ENABLE_HA_PROXY for our Ray instance) for this run. Infinity runs from its own virtualenv
-(`--infinity-venv`, default .peers/infinity in the repository, git-ignored), never from the project's; install it once with
+(`--infinity-venv`, default .peers/infinity in the repository, git-ignored), never from the project's; install it
+once with
 
     python3 -m venv .peers/infinity && .peers/infinity/bin/pip install torch==2.13.0 'infinity-emb[server,torch]==0.0.78'
 
