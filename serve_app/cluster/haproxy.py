@@ -21,6 +21,7 @@ file, never processes found by name.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -142,24 +143,14 @@ def recorded_haproxies(run_dir: str | Path) -> dict[int, Path]:
 def stop_leftovers(run_dir: str | Path, grace_s: float = STOP_GRACE_S) -> list[int]:
     """End the recorded haproxies still running (SIGTERM, then SIGKILL after `grace_s`); returns their pids."""
     leftovers = recorded_haproxies(run_dir)
-    for pid in leftovers:
-        with_signal(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and recorded_haproxies(run_dir):
-        time.sleep(0.05)
-    for pid in recorded_haproxies(run_dir):
-        with_signal(pid, signal.SIGKILL)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and recorded_haproxies(run_dir):
-        time.sleep(0.05)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in recorded_haproxies(run_dir):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and recorded_haproxies(run_dir):
+            time.sleep(0.05)
     return sorted(leftovers)
-
-
-def with_signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:
