@@ -275,7 +275,7 @@ async def info(model: str | None, context: RequestContext) -> dict[str, Any]:
     return protocol.TEIInfo(
         model_id=facts["source"], model_sha=facts.get("revision"), model_dtype=facts["dtype"], model_type=model_type,
         max_concurrent_requests=facts.get("max_ongoing_requests", 0), max_input_length=facts["max_length"],
-        max_batch_tokens=facts.get("max_batch_tokens", facts["token_budget"]), max_batch_requests=None,
+        max_batch_tokens=facts.get("max_batch_tokens") or facts.get("token_budget"), max_batch_requests=None,
         max_client_batch_size=batch, auto_truncate=config.tei.auto_truncate, tokenization_workers=1,
         version=f"qwen3-serve {PACKAGE_VERSION}", sha=None, docker_label=None, model_name=entry.name,
     ).model_dump()
