@@ -76,6 +76,13 @@ def test_the_admin_sections_are_rebound_and_nothing_else():
     assert "frontend http_frontend\n    bind 127.0.0.1:8000\n" in dropped and "stats socket" in dropped
 
 
+def test_splicing_is_turned_off_once_in_the_global_section():
+    prepared = haproxy.prepare_config(RAY_RENDERED + "defaults\n    option splice-request\n", "127.0.0.1")
+    assert prepared.startswith("global\n    nosplice\n    stats socket")
+    assert haproxy.prepare_config(prepared, "127.0.0.1") == prepared  # a reload prepares the same file again
+    assert haproxy.without_splicing("defaults\n    mode http\n") == "global\n    nosplice\ndefaults\n    mode http\n"
+
+
 def test_the_shared_instance_serves_through_haproxy_with_its_admin_ports_on_loopback(served, http):
     assert served.on_haproxy
     assert http.get("/health").status_code == 200

@@ -201,8 +201,11 @@ def test_a_client_that_disconnects_is_cancelled_before_it_runs_and_is_not_billed
 
     key, secret = key_store.create("disconnect")
     headers = {"Authorization": f"Bearer {secret}"}
-    # About 1.5 s of forward passes on one thread (0.83 MB of text, under the tests' 1 MiB body limit).
-    heavy = {"model": NARROW_RERANKER, "query": QUERIES[0], "documents": [DOCUMENTS[4] * 9] * 1000}
+    # The abandoned request is cancelled 1 s after the heavy one starts; it must still be waiting then, so the heavy
+    # one lasts far longer: Qwen's tokenizer makes every digit a token, so these 0.7 MB (under the tests' 1 MiB body
+    # limit) are 779k tokens, 2.9 s of forward passes on a quiet 2-core machine (0.7 s with the 321k tokens of mixed
+    # text this test used before: too close to the 1 s mark on a faster machine).
+    heavy = {"model": NARROW_RERANKER, "query": QUERIES[0], "documents": ["0123456789" * 70] * 1000}
     small = {"model": NARROW_RERANKER, "query": "q", "documents": ["d"]}
     model = served.model_handle(NARROW_RERANKER)
 

@@ -9,8 +9,15 @@ turns it off everywhere we start Ray (`make serve HAPROXY=0`, the cluster files,
 Why a launcher (`qwen3-serve-haproxy`, named by RAY_SERVE_HAPROXY_BINARY_PATH): Ray 2.60 renders haproxy's stats
 page and its Prometheus exporter bound to every interface (`bind *:8404`, `bind :9101`) and offers no setting for
 the address. The launcher rebinds both to QWEN3_SERVE_HAPROXY_ADMIN_HOST (127.0.0.1 by default; `off` drops both),
-records the process's pid, then execs the real haproxy with Ray's own arguments: same pid, same command line, so
-Ray's reloads (`-sf`), stops and /proc checks work unchanged.
+turns splicing off (below), records the process's pid, then execs the real haproxy with Ray's own arguments: same
+pid, same command line, so Ray's reloads (`-sf`), stops and /proc checks work unchanged.
+
+Why no splicing: Ray renders `option splice-request` and `option splice-response` with `http-reuse always`. With
+both, haproxy 2.8 stops noticing that a client hung up while its request waits on a reused server connection: the
+gateway is never told, so the abandoned request still runs on the model and is billed (aborted requests through
+Ray's options in front of two uvicorn servers, one machine, one run: 1 of 4 reached the server as a disconnect with
+splicing, 5 of 5 with `nosplice`; tests/test_reliability.py's disconnect test failed 4 of 5 runs before). Splicing
+only pays for large bodies moved without being parsed; ours are small JSON that haproxy parses anyway.
 
 Why pid files: Ray starts haproxy in the foreground under its HAProxyManager actor; when Ray goes down with the
 actor killed, a haproxy it had reloaded can stay alive, still listening (seen after 2 of 4 SIGTERMs of
@@ -67,6 +74,22 @@ def ray_environment(environ=os.environ) -> dict[str, str]:
 
 # ---- the launcher: Ray runs it as haproxy ------------------------------------------------------------------------
 
+def prepare_config(config: str, admin_host: str) -> str:
+    """Ray's rendered config as we run it: admin sections rebound (bind_admin_sections), splicing off (nosplice)."""
+    return without_splicing(bind_admin_sections(config, admin_host))
+
+
+def without_splicing(config: str) -> str:
+    """`nosplice` in the global section (see the module docstring): one line that overrides every splice option."""
+    lines = config.splitlines(keepends=True)
+    if any(line.strip() == "nosplice" for line in lines):
+        return config
+    for index, line in enumerate(lines):
+        if line.strip() == "global" and not line[0].isspace():
+            return "".join([*lines[:index + 1], "    nosplice\n", *lines[index + 1:]])
+    return "global\n    nosplice\n" + config
+
+
 def bind_admin_sections(config: str, host: str) -> str:
     """haproxy's config with the stats and exporter sections bound to `host` only (`off`: without them).
 
@@ -101,17 +124,17 @@ def real_binary() -> str:
 
 
 def launch(argv: list[str] | None = None) -> None:
-    """`qwen3-serve-haproxy <haproxy arguments>`: rebind the admin sections of the config named by -f, record this
-    pid, exec haproxy. Runs once per haproxy start or reload, so it does no more than that."""
+    """`qwen3-serve-haproxy <haproxy arguments>`: prepare the config named by -f (prepare_config), record this pid,
+    exec haproxy. Runs once per haproxy start or reload, so it does no more than that."""
     argv = sys.argv[1:] if argv is None else argv
     binary = real_binary()
     config = config_path(argv)
     if config is not None:
         path = Path(config)
         original = path.read_text()
-        rebound = bind_admin_sections(original, os.environ.get(ADMIN_HOST, DEFAULT_ADMIN_HOST))
-        if rebound != original:
-            path.write_text(rebound)
+        prepared = prepare_config(original, os.environ.get(ADMIN_HOST, DEFAULT_ADMIN_HOST))
+        if prepared != original:
+            path.write_text(prepared)
         run_dir = Path(os.environ.get(RUN_DIR, DEFAULT_RUN_DIR))
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / f"{os.getpid()}.pid").write_text(config)
