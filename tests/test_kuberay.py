@@ -199,3 +199,14 @@ def test_capacity_cli_refuses_a_manifest_the_crd_refuses(tmp_path, capsys, manif
     path.write_text(yaml.safe_dump(broken))
     assert main(["--cluster", str(path), "--config", str(PROD)]) == 1
     assert "'minReplica' was unexpected" in capsys.readouterr().err
+
+
+def test_every_pod_starts_ray_with_the_ingress_and_loops_the_project_sets(manifest):
+    """What `python -m serve_app.cluster.haproxy env` gives the cluster files, every pod gets here (the image's
+    launcher path and run dir are the image's own, k8s/Dockerfile)."""
+    from serve_app.cluster.haproxy import SERVE_LOOPS
+
+    for group in groups(manifest):
+        env = {item["name"]: item.get("value") for item in ray_container(group)["env"]}
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+        assert {name: env.get(name) for name in SERVE_LOOPS} == SERVE_LOOPS
