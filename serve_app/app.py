@@ -9,6 +9,7 @@ local so that building the gateway never loads torch.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ray.serve import Application
@@ -18,6 +19,12 @@ from serve_app.config import GatewayConfig, ModelConfig, validate_args
 
 def model_app(args: dict[str, Any]) -> Application:
     config = validate_args(ModelConfig, args, "model")
+    if config.deployment.request_router == "queued_work" and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        # Ray 2.60 (serve/_private/build_app.py) refuses any custom router on an application's ingress deployment
+        # under its HAProxy ingress, even one like ours that has no HTTP route: say so in our terms.
+        raise ValueError(f"model {config.name!r}: deployment.request_router: queued_work needs Serve's Python proxy "
+                         "(QWEN3_SERVE_HAPROXY=0 before Ray starts): under the HAProxy ingress Ray 2.60 refuses a "
+                         "custom router on a model application's deployment; use power_of_two")
     from serve_app.replica.deployment import ModelServer
 
     return ModelServer.options(**config.deployment.serve_options(),

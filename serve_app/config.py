@@ -44,6 +44,8 @@ MODEL_DEPLOYMENT_NAME = "ModelServer"
 GATEWAY_DEPLOYMENT_NAME = "Gateway"
 # The token-aware autoscaling policy (`autoscaling.queued_work`), as Serve imports it in its controller.
 QUEUED_WORK_POLICY = "serve_app.replica.autoscaling:QueuedWorkPolicy"
+# The token-aware router (`request_router: queued_work`), as Serve imports it wherever a handle to the model is.
+QUEUED_WORK_ROUTER = "serve_app.replica.routing:QueuedWorkRouter"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -193,6 +195,13 @@ class DeploymentOptions(Strict):
     # Start-up failures (weights missing, hub unreachable) rarely heal by retrying: fail the deploy after a few
     # tries so `serve run` stops and shows the error, instead of Serve's 20.
     max_constructor_retries: int = Field(default=3, ge=1)
+    # Which replica gets a request: Serve's power of two choices on requests in flight, or (models only) the replica
+    # holding the fewest tokens of work (serve_app/replica/routing.py), which keeps small requests from queueing
+    # behind a replica's huge one. queued_work needs Serve's Python proxy: under the HAProxy ingress Ray 2.60 refuses
+    # custom routers on an application's ingress deployment (serve_app/app.py says so at deploy time).
+    request_router: Literal["power_of_two", "queued_work"] = "power_of_two"
+    # How often each replica reports the tokens it holds to the queued-work router (Serve's default: 10 s).
+    routing_stats_period_s: float = Field(default=1.0, gt=0)
 
     @model_validator(mode="after")
     def _one_scaling_mode(self) -> "DeploymentOptions":
@@ -222,6 +231,9 @@ class DeploymentOptions(Strict):
             options["autoscaling_config"] = self.autoscaling.serve_options()
         else:
             options["num_replicas"] = self.num_replicas or 1
+        if self.request_router == "queued_work":
+            options["request_router_config"] = {"request_router_class": QUEUED_WORK_ROUTER,
+                                                "request_routing_stats_period_s": self.routing_stats_period_s}
         return options
 
 
@@ -465,10 +477,14 @@ class GatewayConfig(Strict):
 
 
 def _no_queued_work(options: DeploymentOptions, where: str) -> None:
-    """Only model replicas report the work they hold; any other deployment scales on Serve's request count."""
+    """Only model replicas report the work they hold; any other deployment scales on Serve's request count and is
+    routed by Serve's own router."""
     if options.autoscaling is not None and options.autoscaling.queued_work is not None:
         raise ValueError(f"{where}.autoscaling.queued_work: only model deployments report queued work; this one "
                          "scales on target_ongoing_requests")
+    if options.request_router == "queued_work":
+        raise ValueError(f"{where}.request_router: queued_work routes by the work model replicas report; this "
+                         "deployment takes power_of_two")
 
 
 # ---- the whole Serve config file ---------------------------------------------------------------------------

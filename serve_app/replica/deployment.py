@@ -25,7 +25,8 @@ serve_app/gateway/hop_sharing.py): each of them takes the path above exactly as 
 
 Autoscaling: every replica keeps the tokens it holds (online and background apart) and the tokens per second its
 engine computes, and reports them to Serve's controller (`record_autoscaling_stats`), where the queued-work policy
-scales on them (serve_app/replica/autoscaling.py).
+scales on them (serve_app/replica/autoscaling.py); the tokens it holds also go to the queued-work router
+(`record_routing_stats`, serve_app/replica/routing.py).
 
 Only text and numbers cross the handle hop: scores, token counts and float32 vectors.
 """
@@ -49,7 +50,8 @@ from models.errors import EngineInputError
 from serve_app.config import MODEL_DEPLOYMENT_NAME, BatchingConfig, ModelConfig
 from serve_app.errors import InternalError, InvalidRequest, Overloaded, ServingError
 from serve_app.metrics import ModelMetrics
-from serve_app.replica.autoscaling import WorkSignal, estimated_tokens_per_s, estimated_work, job_work
+from serve_app.replica.autoscaling import (BACKGROUND_TOKENS, ONLINE_TOKENS, WorkSignal, estimated_tokens_per_s,
+                                           estimated_work, job_work)
 from serve_app.replica.loading import load_calibration, load_engine
 
 logger = logging.getLogger("ray.serve")
@@ -266,6 +268,12 @@ class ModelServer:
         report = self.work.report(time.monotonic(), self.engine.work.real_tokens, self._held)
         self.metrics.work(report["online_tokens"], report["background_tokens"], report["tokens_per_s"])
         return report
+
+    async def record_routing_stats(self) -> dict[str, float]:
+        """The tokens this replica holds now, online and background, for the queued-work router
+        (serve_app/replica/routing.py), which Serve asks every `routing_stats_period_s`."""
+        report = self.work.report(time.monotonic(), self.engine.work.real_tokens, self._held)
+        return {ONLINE_TOKENS: report[ONLINE_TOKENS], BACKGROUND_TOKENS: report[BACKGROUND_TOKENS]}
 
     async def check_health(self) -> None:
         """Fails when the engine cannot run a forward pass. While requests are running the engine is proven to
