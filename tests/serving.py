@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import signal
 import socket
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -264,3 +266,30 @@ class ServeInstance:
         from ray import serve
 
         return serve.get_app_handle(name)
+
+
+def wait_until_serving(command: subprocess.Popen, url: str, timeout_s: float = 180) -> None:
+    """Wait until `qwen3-serve` (running as `command`) answers GET /ready with 200; fail with the end of its stderr
+    if it exits first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert command.poll() is None, f"qwen3-serve exited: {command.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "qwen3-serve did not become ready"
+        try:
+            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+
+
+def stop_command(command: subprocess.Popen, timeout_s: float = 150) -> None:
+    """Stop a `qwen3-serve` still running as an operator would (SIGTERM: serve run shuts Serve down), then harder."""
+    if command.poll() is not None:
+        return
+    command.send_signal(signal.SIGTERM)
+    try:
+        command.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        command.kill()
+        command.wait()

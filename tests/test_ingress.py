@@ -21,7 +21,7 @@ import yaml
 
 from serve_app.cluster import haproxy
 from tests.reference import ModelCardReranker
-from tests.serving import REPO, RERANKER, application, free_port, use_ingress
+from tests.serving import REPO, RERANKER, application, free_port, stop_command, use_ingress, wait_until_serving
 
 # What Ray 2.60 renders for haproxy's stats page and exporter (ray/serve/_private/haproxy_templates.py), around
 # the frontend that must stay as it is.
@@ -168,16 +168,7 @@ def test_qwen3_serve_answers_and_leaves_nothing_listening(serve_command_config, 
     run_dir = environment[haproxy.RUN_DIR]
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            assert command.poll() is None, f"qwen3-serve exited: {command.stderr.read()[-3000:]}"
-            assert time.monotonic() < deadline, "qwen3-serve did not become ready"
-            try:
-                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_until_serving(command, url)
         documents = ["Pandas eat bamboo.", "Paris is in France."]
         response = httpx.post(f"{url}/v1/rerank", json={"model": RERANKER, "query": "what do pandas eat?",
                                                          "documents": documents}, timeout=60)
@@ -193,11 +184,5 @@ def test_qwen3_serve_answers_and_leaves_nothing_listening(serve_command_config, 
         assert not port_is_open(port)
         assert haproxy.recorded_haproxies(run_dir) == {}
     finally:
-        if command.poll() is None:  # a failed assertion above: stop it as an operator would, then harder
-            command.send_signal(signal.SIGTERM)
-            try:
-                command.wait(timeout=150)
-            except subprocess.TimeoutExpired:
-                command.kill()
-                command.wait()
+        stop_command(command)  # after a failed assertion above
         haproxy.stop_leftovers(run_dir)

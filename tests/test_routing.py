@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from ray.serve._private.common import DeploymentHandleSource, DeploymentID, Repl
 from serve_app.config import QUEUED_WORK_ROUTER, DeploymentOptions, GatewayConfig
 from serve_app.replica.autoscaling import BACKGROUND_TOKENS, ONLINE_TOKENS, estimated_work
 from serve_app.replica.routing import QueuedWorkRouter, request_work
-from tests.serving import REPO, free_port, use_ingress
+from tests.serving import REPO, free_port, stop_command, use_ingress, wait_until_serving
 
 DEPLOYMENT = DeploymentID(name="ModelServer", app_name="routing-test")
 
@@ -150,16 +149,7 @@ def test_small_requests_avoid_the_replica_running_a_huge_one(tmp_path, tiny_rera
                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert command.poll() is None, f"qwen3-serve exited: {command.stderr.read()[-3000:]}"
-            assert time.monotonic() < deadline, "qwen3-serve did not become ready"
-            try:
-                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_until_serving(command, url)
         huge_body = {"model": "routed", "query": "q", "documents": ["0123456789" * 70] * 1000, "top_n": 1}
         small_body = {"model": "routed", "query": "what do pandas eat?", "documents": ["Pandas eat bamboo."]}
 
@@ -189,10 +179,5 @@ def test_small_requests_avoid_the_replica_running_a_huge_one(tmp_path, tiny_rera
         assert len(calls[busy[0]]) == 1, f"small calls reached the busy replica: {calls[busy[0]]}"
         assert calls[idle], "no small call in the other replica's log (the check reads the wrong lines)"
     finally:
-        command.send_signal(signal.SIGTERM)
-        try:
-            command.wait(timeout=150)
-        except subprocess.TimeoutExpired:
-            command.kill()
-            command.wait()
+        stop_command(command)
         shutil.rmtree(ray_tmp, ignore_errors=True)
