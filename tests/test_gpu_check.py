@@ -34,7 +34,8 @@ def test_tiny_check_on_cpu_writes_every_section(tmp_path):
     assert all(section in text for section in SECTIONS)
     blob = summary_blob(text)
     assert [step["status"] for step in blob["steps"]] == ["done", "done"]
-    assert [row["workload"] for row in blob["timings"]] == ["rerank 1x3", "rerank 2x2", "embed 3"]
+    assert [row["workload"] for row in blob["timings"]] == ["rerank 1x3", "rerank 2x2", "embed 3", "rerank 1x1",
+                                                            "embed 1"]
     for row in blob["timings"]:
         assert row["items_per_s"] > 0 and row["mfu"] > 0 and row["forward_passes"] >= 1
         assert row["computed_slots"] >= row["real_tokens"] > 0
