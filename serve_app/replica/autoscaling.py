@@ -74,8 +74,9 @@ MIN_MEASURED_S = 0.1
 CPU_FLOPS_PER_THREAD = 80e9
 # CUDA: 200 TFLOP/s. Measured on an H200 in bf16 (BENCHMARKS.md "GPU", engine.run at the 32k-slot budget): 71 to 111
 # useful TFLOP/s for the 0.6B, 184 to 272 for the 4B, 235 to 338 for the 8B; so the estimate is about 2x
-# optimistic for the 0.6B, a little pessimistic for the 8B. A fractional replica shares its GPU's compute with its neighbours; the estimate ignores them, and the
-# replica's own measurement replaces it after its first MIN_MEASURED_S of work.
+# optimistic for the 0.6B, a little pessimistic for the 8B. A fractional replica shares its GPU's compute with its
+# neighbours; the estimate ignores them, and the replica's own measurement replaces it after its first
+# MIN_MEASURED_S of work.
 CUDA_FLOPS = 200e12
 
 
