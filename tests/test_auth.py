@@ -35,24 +35,6 @@ def test_the_route_table_is_walked():
             "/docs", "/openapi.json"} <= paths
 
 
-def test_every_route_is_matched_by_one_entry_and_inference_routes_first():
-    """Starlette tries the route table in order: no route may shadow another (each (method, path) matches exactly
-    one top-level entry), and the inference routes sit in the first entries after FastAPI's docs routes, so a request
-    for them does not try the ~50 other routes first (serve_app/gateway/ingress.py, end of module)."""
-    from starlette.routing import Match
-
-    def matching(method: str, path: str) -> list[int]:
-        scope = {"type": "http", "method": method, "path": path, "root_path": "", "headers": [], "query_string": b""}
-        return [i for i, entry in enumerate(api.router.routes) if entry.matches(scope)[0] == Match.FULL]
-
-    for method, path in every_route():
-        assert len(matching(method, path)) == 1, (method, path, matching(method, path))
-    docs_routes = sum(1 for entry in api.router.routes if getattr(entry, "path", "") in
-                      ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"))
-    for path in ("/v1/embeddings", "/v1/rerank", "/v2/rerank", "/rerank", "/embeddings"):
-        assert matching("POST", path) == [docs_routes], path
-
-
 @pytest.mark.parametrize("header", [None, "Bearer", "Bearer q3s_nope_nope", "Basic dXNlcjpwYXNz", "q3s_raw"])
 def test_every_route_but_health_needs_a_valid_key(served, header):
     headers = {"Authorization": header} if header else {}

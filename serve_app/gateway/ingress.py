@@ -62,7 +62,12 @@ logger = logging.getLogger("ray.serve")
 
 api = FastAPI(title="qwen3-serve", version="0.1.0",
               description="Qwen3-Reranker and Qwen3-Embedding behind OpenAI, Cohere, Jina and TEI routes.")
-# The route modules' routers are included at the end of this module, after the Gateway's own routes (see there).
+api.include_router(admin.router)
+api.include_router(probes.router)
+api.include_router(cohere_embed.router)
+api.include_router(batch_routes.router)
+api.include_router(tei.router)
+api.include_router(vllm.router)
 
 
 # ---- errors: one place turns every failure into the OpenAI error body (TEI's on TEI's routes) ------------------
@@ -351,16 +356,3 @@ class Gateway:
         rows = await asyncio.to_thread(usage_totals, self.store_engine, key_id=only_key, since=start, until=end)
         credit = await asyncio.to_thread(self.credit_book.summaries, only_key, start, end)
         return protocol.UsageReport(data=rows, totals=sum_totals(rows), credit=credit)
-
-
-# Starlette tries routes in the order they were added, and the Gateway's own (embeddings, rerank, models, usage) are
-# added when its class is decorated. Included before them, the route modules' ~50 routes were tried first on every
-# inference request: finding /v1/embeddings took 47 us, 6 us with the Gateway's routes first (`python
-# bench/route_match_bench.py`); Cohere's /v2/embed went from 4 to 14 us. No (method, path) is in two entries
-# (tests/test_auth.py checks that and this order). TEI's router stays before vLLM's, as it was.
-api.include_router(cohere_embed.router)
-api.include_router(tei.router)
-api.include_router(vllm.router)
-api.include_router(probes.router)
-api.include_router(admin.router)
-api.include_router(batch_routes.router)
