@@ -227,6 +227,12 @@ class RequestContext:
             raise PayloadTooLarge(f"{count} documents; at most {self.config.max_rerank_documents} per request",
                                   param=param)
 
+    def check_input_count(self, count: int, param: str, what: str = "inputs") -> None:
+        """max_embedding_inputs, for texts to embed or tokenize and sequences to decode (413 naming `param`)."""
+        if count > self.config.max_embedding_inputs:
+            raise PayloadTooLarge(f"{count} {what}; at most {self.config.max_embedding_inputs} per request",
+                                  param=param)
+
 
 @dataclass(frozen=True)
 class Usage:
@@ -261,9 +267,7 @@ async def embed_inputs(context: RequestContext, model: str | None, inputs: list[
     model (None: the default embed model), one model call. Returns the model, its answer (float32 vectors, token
     counts and, with `with_ranges`, the model's fixed int8/uint8 ranges for these dimensions) and the usage to
     bill."""
-    if len(inputs) > context.config.max_embedding_inputs:
-        raise PayloadTooLarge(f"{len(inputs)} inputs; at most {context.config.max_embedding_inputs} per request",
-                              param=param)
+    context.check_input_count(len(inputs), param)
     entry = await context.resolve(model, "embed")
     out = await context.call(entry, "embed", inputs, instruction, dimensions, truncate, truncate_side, max_tokens,
                              with_ranges, normalize)
@@ -314,18 +318,14 @@ async def tokenize_texts(context: RequestContext, entry: ModelEntry, texts: list
     """TEI's and vLLM's /tokenize: each text's tokens as the model's embed or rerank computes them (template and
     instruction included with `add_special_tokens`), from the replica that holds the tokenizer. Not billed: no
     forward pass runs."""
-    if len(texts) > context.config.max_embedding_inputs:
-        raise PayloadTooLarge(f"{len(texts)} inputs; at most {context.config.max_embedding_inputs} per request",
-                              param=param)
+    context.check_input_count(len(texts), param)
     return await context.call(entry, "tokenize", texts, add_special_tokens, instruction, query)
 
 
 async def detokenize_ids(context: RequestContext, entry: ModelEntry, sequences: list[list[int]], *, param: str,
                          skip_special_tokens: bool) -> list[str]:
     """TEI's /decode and vLLM's /detokenize: token ids back to text by the model's tokenizer. Not billed."""
-    if len(sequences) > context.config.max_embedding_inputs:
-        raise PayloadTooLarge(f"{len(sequences)} sequences; at most {context.config.max_embedding_inputs} per "
-                              "request", param=param)
+    context.check_input_count(len(sequences), param, what="sequences")
     try:
         out = await context.call(entry, "detokenize", sequences, skip_special_tokens)
     except InvalidRequest as exc:

@@ -37,6 +37,7 @@ from ray import serve
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve_app import SERVICE_VERSION
 from serve_app.accounts.auth import OPEN_PATHS, KeyGuard
 from serve_app.accounts.credit.book import CreditBook
 from serve_app.accounts.credit.guard import CreditGuard
@@ -60,7 +61,7 @@ from serve_app.metrics import GatewayMetrics
 
 logger = logging.getLogger("ray.serve")
 
-api = FastAPI(title="qwen3-serve", version="0.1.0",
+api = FastAPI(title="qwen3-serve", version=SERVICE_VERSION,
               description="Qwen3-Reranker and Qwen3-Embedding behind OpenAI, Cohere, Jina and TEI routes.")
 api.include_router(admin.router)
 api.include_router(probes.router)

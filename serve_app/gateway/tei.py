@@ -53,8 +53,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from serve_app.errors import (InsufficientQuota, InvalidRequest, Overloaded, PayloadTooLarge, RateLimited,
-                              ServingError)
+from serve_app import SERVICE_VERSION
+from serve_app.errors import InsufficientQuota, InvalidRequest, Overloaded, PayloadTooLarge, RateLimited, ServingError
 from serve_app.gateway import protocol
 from serve_app.gateway.bodies import json_body, read_json, validate, validation_error
 from serve_app.gateway.handling import (RERANK, Endpoint, RequestContext, Served, detokenize_ids, embed_inputs, rank,
@@ -68,7 +68,6 @@ TEI_PREFIX = "/tei/"
 BARE_TEI_PATHS = frozenset({"/embed", "/decode", "/info"})
 # Which end of a too-long input a cut drops: TEI's direction names the side that is cut.
 TRUNCATE_SIDES = {"right": "end", "left": "start"}
-PACKAGE_VERSION = "0.1.0"
 
 # ---- errors ------------------------------------------------------------------------------------------------------
 
@@ -277,7 +276,7 @@ async def info(model: str | None, context: RequestContext) -> dict[str, Any]:
         max_concurrent_requests=facts.get("max_ongoing_requests", 0), max_input_length=facts["max_length"],
         max_batch_tokens=facts.get("max_batch_tokens") or facts.get("token_budget"), max_batch_requests=None,
         max_client_batch_size=batch, auto_truncate=config.tei.auto_truncate, tokenization_workers=1,
-        version=f"qwen3-serve {PACKAGE_VERSION}", sha=None, docker_label=None, model_name=entry.name,
+        version=f"qwen3-serve {SERVICE_VERSION}", sha=None, docker_label=None, model_name=entry.name,
     ).model_dump()
 
 
