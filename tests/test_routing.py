@@ -122,10 +122,10 @@ def test_under_haproxy_the_router_is_refused_in_our_words(monkeypatch, tiny_rera
 
 def test_small_requests_avoid_the_replica_running_a_huge_one(tmp_path, tiny_reranker_path):
     """`qwen3-serve` on Serve's Python proxy with a reranker of two replicas routed on queued work: while one
-    replica runs a rerank of 779k tokens (every digit is a token), rounds of 8 concurrent small reranks all go to
-    the other, however many small requests it has in flight (Serve's power of two choices compares requests in
-    flight, so it would send a small request to the busy replica whenever the other holds two). Where each call
-    ran is read from the replicas' own access logs."""
+    replica runs a rerank of about 1.4M tokens (every digit is a token: seconds of work even on a fast CPU), rounds
+    of 8 concurrent small reranks all go to the other, however many small requests it has in flight (Serve's power
+    of two choices compares requests in flight, so it would send a small request to the busy replica whenever the
+    other holds two). Where each call ran is read from the replicas' own access logs."""
     port = free_port()
     routed = {"name": "routed", "route_prefix": None, "import_path": "serve_app.app:model_app",
               "args": {"name": "routed", "task": "rerank", "source": str(tiny_reranker_path), "device": "cpu",
@@ -150,13 +150,13 @@ def test_small_requests_avoid_the_replica_running_a_huge_one(tmp_path, tiny_rera
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_serving(command, url)
-        huge_body = {"model": "routed", "query": "q", "documents": ["0123456789" * 70] * 1000, "top_n": 1}
+        huge_body = {"model": "routed", "query": "q", "documents": ["0123456789" * 140] * 1000, "top_n": 1}
         small_body = {"model": "routed", "query": "what do pandas eat?", "documents": ["Pandas eat bamboo."]}
 
         async def scenario():
             async with httpx.AsyncClient(base_url=url, timeout=120) as client:
                 huge = asyncio.create_task(client.post("/v1/rerank", json=huge_body))
-                await asyncio.sleep(1.5)  # inside a replica, and counted by the router
+                await asyncio.sleep(1.5)  # routed and accepted: this gateway's router counts it from then on
                 small = []
                 for _ in range(4):
                     small += await asyncio.gather(*(client.post("/v1/rerank", json=small_body) for _ in range(8)))
