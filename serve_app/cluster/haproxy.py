@@ -16,7 +16,7 @@ Why no splicing: Ray renders `option splice-request` and `option splice-response
 both, haproxy 2.8 stops noticing that a client hung up while its request waits on a reused server connection: the
 gateway is never told, so the abandoned request still runs on the model and is billed (aborted requests through
 Ray's options in front of two uvicorn servers, one machine, one run: 1 of 4 reached the server as a disconnect with
-splicing, 5 of 5 with `nosplice`; tests/test_reliability.py's disconnect test failed 4 of 5 runs before). Splicing
+splicing, 5 of 5 with `nosplice`; tests/test_reliability.py's disconnect test failed 5 of 6 runs before). Splicing
 only pays for large bodies moved without being parsed; ours are small JSON that haproxy parses anyway.
 
 Why pid files: Ray starts haproxy in the foreground under its HAProxyManager actor; when Ray goes down with the
@@ -67,7 +67,7 @@ def launcher_path() -> str:
 # a thread of its own, and a handle's router on a third, so every request crosses threads twice in the gateway and
 # once more in the model replica. Our replicas never block their loop (the engine and tokenizer have threads of
 # their own, the ledger its writer thread), so one loop per process is safe, and it cut our processes' CPU per
-# one-text request by 12 to 17 % in 2 paired runs (BENCHMARKS.md, issue 25). These are two of the settings
+# one-text request by 15 % and 11.5 % in 2 paired runs (BENCHMARKS.md, issue 25). These are two of the settings
 # RAY_SERVE_THROUGHPUT_OPTIMIZED=1 makes; we leave its log buffering (a request's access log line would wait for
 # 1,000 more) and the rest alone. Set either variable to "1" before Ray starts to get Ray's default back.
 SERVE_LOOPS = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
