@@ -95,6 +95,16 @@ RERANK_HEAD_TOKENS = 60
 RERANK_DOCUMENT_TOKENS = 11
 
 
+def rerank_size(query: str, documents: list[str]) -> int:
+    """A rerank call's characters of text: what its estimate and its tokenizing place are decided on."""
+    return len(query) + sum(map(len, documents))
+
+
+def embed_size(inputs: list[str] | list[list[int]]) -> tuple[int, bool]:
+    """An embed call's size and whether it is text: characters of its texts, or its count of token ids."""
+    return sum(map(len, inputs)), not inputs or isinstance(inputs[0], str)
+
+
 def estimated_work(size: int, documents: int, texts: bool) -> int:
     """The tokens a request will hold once tokenized, guessed before it is: `size` is its characters of text, or
     its count of token ids when not `texts`; `documents` a rerank's (0 for embeddings)."""

@@ -50,8 +50,8 @@ from models.errors import EngineInputError
 from serve_app.config import MODEL_DEPLOYMENT_NAME, BatchingConfig, ModelConfig
 from serve_app.errors import InternalError, InvalidRequest, Overloaded, ServingError
 from serve_app.metrics import ModelMetrics
-from serve_app.replica.autoscaling import (BACKGROUND_TOKENS, ONLINE_TOKENS, WorkSignal, estimated_tokens_per_s,
-                                           estimated_work, job_work)
+from serve_app.replica.autoscaling import (BACKGROUND_TOKENS, ONLINE_TOKENS, WorkSignal, embed_size,
+                                           estimated_tokens_per_s, estimated_work, job_work, rerank_size)
 from serve_app.replica.loading import load_calibration, load_engine
 
 logger = logging.getLogger("ray.serve")
@@ -164,7 +164,7 @@ class ModelServer:
         self._require_task("rerank")
         chunks = max_chunks_per_doc or self.config.max_chunks_per_doc or 1
         with self._admitted(background):
-            size = len(query) + sum(map(len, documents))
+            size = rerank_size(query, documents)
             job = await self._tokenize(size, self.engine.tokenize, query, documents, instruction, max_tokens_per_doc,
                                        truncate, chunks, estimate=estimated_work(size, len(documents), texts=True),
                                        background=background)
@@ -185,8 +185,7 @@ class ModelServer:
                                  "`python -m serve_app.replica.quantization.calibration`); float, base64, binary and "
                                  "ubinary need none", param="embedding_types", code="not_calibrated")
         with self._admitted(background):
-            size = sum(map(len, inputs))
-            texts = not inputs or isinstance(inputs[0], str)  # else token ids: size is their count
+            size, texts = embed_size(inputs)  # not texts: token ids, and size is their count
             job = await self._tokenize(size, self.engine.tokenize, inputs, instruction, dimensions, truncate,
                                        truncate_side, max_tokens, normalize, estimate=estimated_work(size, 0, texts),
                                        background=background)

@@ -11,7 +11,8 @@ router, small requests' p99 queue wait stayed far above the policy's target what
 
 `QueuedWorkRouter` ranks the replicas by the tokens each holds, least first, from two sources:
 - what this router itself sent and is not yet answered (`on_request_routed` / `on_request_completed`), each request's
-  tokens estimated from its arguments as the replica estimates them before tokenizing (`estimated_work`): exact
+  tokens estimated from its arguments as the replica estimates them before tokenizing (`estimated_work` of
+  `rerank_size` / `embed_size`): exact
   and immediate for this caller's own traffic;
 - what the replica reported last (`ModelServer.record_routing_stats`: its online and background tokens, from the
   same WorkSignal as the autoscaling metrics), which covers every caller (other gateway replicas, the batch runner),
@@ -33,7 +34,7 @@ from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from serve_app.replica.autoscaling import BACKGROUND_TOKENS, ONLINE_TOKENS, estimated_work
+from serve_app.replica.autoscaling import BACKGROUND_TOKENS, ONLINE_TOKENS, embed_size, estimated_work, rerank_size
 
 
 def request_work(method: str, args: list | tuple) -> int:
@@ -46,11 +47,10 @@ def request_work(method: str, args: list | tuple) -> int:
             return sum(request_work(inner, call) for call in calls)
         if method == "rerank":
             query, documents = args[0], args[1]
-            return estimated_work(len(query) + sum(map(len, documents)), len(documents), texts=True)
+            return estimated_work(rerank_size(query, documents), len(documents), texts=True)
         if method == "embed":
-            inputs = args[0]
-            texts = not inputs or isinstance(inputs[0], str)
-            return estimated_work(sum(map(len, inputs)), 0, texts)
+            size, texts = embed_size(args[0])
+            return estimated_work(size, 0, texts)
     except (IndexError, TypeError):  # not the shape of our calls: no estimate, never a routing failure
         return 0
     return 0
