@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -266,6 +267,23 @@ class ServeInstance:
         from ray import serve
 
         return serve.get_app_handle(name)
+
+
+def start_command(config: Path, cwd: Path, haproxy_on: bool, **extra_env: str) -> tuple[subprocess.Popen, dict]:
+    """`qwen3-serve CONFIG` (make serve) in a process of its own, on the ingress asked for with its own ports and pid
+    directory (use_ingress, kept out of this process's environment), its ledger in `cwd`. Returns the process and
+    the environment it got."""
+    saved = dict(os.environ)
+    try:
+        ingress = use_ingress(haproxy_on)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    environment = {**os.environ, **ingress, "QWEN3_SERVE_DB": f"sqlite:///{cwd / 'serve.db'}", "PYTHONPATH": str(REPO),
+                   **extra_env}
+    command = subprocess.Popen([sys.executable, "-m", "serve_app.cluster.local", str(config)], env=environment,
+                               cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return command, environment
 
 
 def wait_until_serving(command: subprocess.Popen, url: str, timeout_s: float = 180) -> None:

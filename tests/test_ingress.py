@@ -21,7 +21,7 @@ import yaml
 
 from serve_app.cluster import haproxy
 from tests.reference import ModelCardReranker
-from tests.serving import REPO, RERANKER, application, free_port, stop_command, use_ingress, wait_until_serving
+from tests.serving import REPO, RERANKER, application, free_port, start_command, stop_command, wait_until_serving
 
 # What Ray 2.60 renders for haproxy's stats page and exporter (ray/serve/_private/haproxy_templates.py), around
 # the frontend that must stay as it is.
@@ -155,16 +155,7 @@ def test_qwen3_serve_answers_and_leaves_nothing_listening(serve_command_config, 
     port = free_port()
     config["http_options"]["port"] = port
     path.write_text(yaml.safe_dump(config))
-    saved = dict(os.environ)
-    try:
-        environment = use_ingress(ingress == "haproxy")  # this run's own ports and pid directory
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    environment = {**os.environ, **environment, "QWEN3_SERVE_DB": f"sqlite:///{tmp_path / 'serve.db'}",
-                   "PYTHONPATH": str(REPO)}
-    command = subprocess.Popen([sys.executable, "-m", "serve_app.cluster.local", str(path)], env=environment,
-                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    command, environment = start_command(path, tmp_path, haproxy_on=ingress == "haproxy")
     run_dir = environment[haproxy.RUN_DIR]
     try:
         url = f"http://127.0.0.1:{port}"

@@ -5,10 +5,7 @@ Python proxy (Ray 2.60 refuses custom routers on a model application under its H
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -24,7 +21,7 @@ from ray.serve._private.common import DeploymentHandleSource, DeploymentID, Repl
 from serve_app.config import QUEUED_WORK_ROUTER, DeploymentOptions, GatewayConfig
 from serve_app.replica.autoscaling import BACKGROUND_TOKENS, ONLINE_TOKENS, estimated_work
 from serve_app.replica.routing import QueuedWorkRouter, request_work
-from tests.serving import REPO, free_port, stop_command, use_ingress, wait_until_serving
+from tests.serving import free_port, start_command, stop_command, wait_until_serving
 
 DEPLOYMENT = DeploymentID(name="ModelServer", app_name="routing-test")
 
@@ -136,17 +133,8 @@ def test_small_requests_avoid_the_replica_running_a_huge_one(tmp_path, tiny_rera
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump({"http_options": {"host": "127.0.0.1", "port": port},
                                       "applications": [gateway, routed]}))
-    saved = dict(os.environ)
-    try:
-        environment = use_ingress(False)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must stay short
-    environment = {**os.environ, **environment, "QWEN3_SERVE_DB": f"sqlite:///{tmp_path / 'serve.db'}",
-                   "PYTHONPATH": str(REPO), "RAY_TMPDIR": str(ray_tmp)}
-    command = subprocess.Popen([sys.executable, "-m", "serve_app.cluster.local", str(config)], env=environment,
-                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    command, _ = start_command(config, tmp_path, haproxy_on=False, RAY_TMPDIR=str(ray_tmp))
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_serving(command, url)
