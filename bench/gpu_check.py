@@ -95,33 +95,28 @@ class Workload:
 
 def make_workloads(reranker: Qwen3Reranker, embedder: Qwen3Embedder, inputs: Inputs) -> list[Workload]:
     config = reranker.backbone.config
-    single = [reranker.tokenize(QUERY, inputs.documents)]
-    concurrent = [reranker.tokenize(query, documents) for query, documents in inputs.requests]
-    embed = [embedder.tokenize(inputs.texts)]
+
+    def rerank(name: str, requests: list[tuple[str, list[str]]], compared: bool) -> Workload:
+        jobs = [reranker.tokenize(query, documents) for query, documents in requests]
+        return Workload(name, reranker, jobs, sum(len(documents) for _, documents in requests),
+                        sum(rerank_flops(config, job) for job in jobs), compared)
+
+    def embed(name: str, texts: list[str], compared: bool) -> Workload:
+        jobs = [embedder.tokenize(texts)]
+        return Workload(name, embedder, jobs, len(texts),
+                        sum(layer_flops(config, n) for job in jobs for n in job.token_counts), compared)
+
     per = len(inputs.requests[0][1]) if inputs.requests else 0
-    return [
-        Workload(f"rerank 1x{len(inputs.documents)}", reranker, single, len(inputs.documents),
-                 sum(rerank_flops(config, job) for job in single), compared=True),
-        Workload(f"rerank {len(inputs.requests)}x{per}", reranker, concurrent, len(inputs.requests) * per,
-                 sum(rerank_flops(config, job) for job in concurrent), compared=False),
-        Workload(f"embed {len(inputs.texts)}", embedder, embed, len(inputs.texts),
-                 sum(layer_flops(config, n) for job in embed for n in job.token_counts), compared=True),
+    workloads = [rerank(f"rerank 1x{len(inputs.documents)}", [(QUERY, inputs.documents)], compared=True),
+                 rerank(f"rerank {len(inputs.requests)}x{per}", inputs.requests, compared=False),
+                 embed(f"embed {len(inputs.texts)}", inputs.texts, compared=True)]
+    if inputs.requests:
         # One small online request alone, as most of them come (issue 25): the model's own time for it, which the
-        # serving path's cost is compared with. Its query (6 to 16 words) embedded; its first document reranked.
-        *small_workloads(reranker, embedder, inputs, config),
-    ]
-
-
-def small_workloads(reranker: Qwen3Reranker, embedder: Qwen3Embedder, inputs: Inputs, config) -> list[Workload]:
-    if not inputs.requests:
-        return []
-    query, documents = inputs.requests[0]
-    one_document = [reranker.tokenize(query, documents[:1])]
-    one_text = [embedder.tokenize([query])]
-    return [Workload("rerank 1x1", reranker, one_document, 1, sum(rerank_flops(config, job) for job in one_document),
-                     compared=False),
-            Workload("embed 1", embedder, one_text, 1,
-                     sum(layer_flops(config, n) for job in one_text for n in job.token_counts), compared=False)]
+        # serving path's cost is compared with. The first request's first document reranked, its query embedded.
+        query, documents = inputs.requests[0]
+        workloads += [rerank("rerank 1x1", [(query, documents[:1])], compared=False),
+                      embed("embed 1", [query], compared=False)]
+    return workloads
 
 
 def outputs_of(results: list) -> dict[str, np.ndarray]:
