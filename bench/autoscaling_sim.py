@@ -8,8 +8,9 @@ A discrete-event simulation of one model deployment as this project runs it, wit
              ends). Every policy replays the same traces (one per seed).
   routing    Serve's power of two choices on requests in flight per replica (background lines count, as they do in
              Serve), or the project's queued-work router (serve_app/replica/routing.py: the replica holding the
-             fewest tokens, each caller counting exactly what it sent itself and every replica's report, every
-             `--routing-stats-s`, for the rest; the online caller and the batch runner are two callers), up to
+             fewest tokens, each caller counting what it sent itself, and every replica's report, every
+             `--routing-stats-s`, for the rest; the online caller and the batch runner are two callers; the
+             simulation counts each job's true tokens where the router estimates them from the text), up to
              max_ongoing_requests per replica; past that a request waits at the caller.
   replica    the ModelServer engine loop: whenever the engine is free it takes every online job queued (up to
              max_batch_tokens), or, when no online job is inside and none has been for background_grace_ms, the

@@ -12,8 +12,7 @@ router, small requests' p99 queue wait stayed far above the policy's target what
 `QueuedWorkRouter` ranks the replicas by the tokens each holds, least first, from two sources:
 - what this router itself sent and is not yet answered (`on_request_routed` / `on_request_completed`), each request's
   tokens estimated from its arguments as the replica estimates them before tokenizing (`estimated_work` of
-  `rerank_size` / `embed_size`): exact
-  and immediate for this caller's own traffic;
+  `rerank_size` / `embed_size`): immediate for this caller's own traffic, estimated rather than counted;
 - what the replica reported last (`ModelServer.record_routing_stats`: its online and background tokens, from the
   same WorkSignal as the autoscaling metrics), which covers every caller (other gateway replicas, the batch runner),
   every `routing_stats_period_s`.
