@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -94,14 +95,38 @@ def tiny_test_config(port: int, reranker_path: Path, embedder_path: Path, databa
     return config
 
 
+HAPROXY_FILES = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg", "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+                 "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+                 "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock"}
+
+
+def discard_ingress(ingress: dict[str, str]) -> list[int]:
+    """After its Ray has stopped: end the haproxy processes Ray left running (by their pid files) and remove the
+    instance's run directory. Returns the pids it had to end (tests assert there were none where that is their
+    point)."""
+    run_dir = ingress.get(haproxy.RUN_DIR)
+    if not run_dir:
+        return []
+    leftovers = haproxy.stop_leftovers(run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return leftovers
+
+
 def use_ingress(haproxy_on: bool = True) -> dict[str, str]:
     """Set, in this process's environment, what the next Ray started from it needs for its ingress: Ray Serve's
     HAProxy (the default, as `make serve` and the cluster files run it) or Serve's Python proxy. Each instance gets
     its own haproxy pid directory and its own stats, exporter and fallback-proxy ports, so Serve instances on one
     machine (the multi-node cluster, parallel runs) never share them. Returns what it set."""
+    # Short: haproxy's socket paths go under it, as <run dir>/<56-character node id>/admin.sock, and haproxy takes
+    # at most 97 characters.
+    run_dir = tempfile.mkdtemp(prefix="q3h-", dir="/tmp")
     environment = {
         haproxy.SWITCH: "1" if haproxy_on else "0",
-        haproxy.RUN_DIR: tempfile.mkdtemp(prefix="qwen3-serve-haproxy-"),
+        haproxy.RUN_DIR: run_dir,
+        # Ray keeps each node's haproxy config, sockets and state in <base>/<node id>/ (default /tmp/haproxy-serve,
+        # never removed); under the run dir they go with it (discard_ingress).
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": run_dir,
+        **{variable: f"{run_dir}/{name}" for variable, name in HAPROXY_FILES.items()},
         "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
@@ -170,8 +195,7 @@ class ServeInstance:
 
     def end_leftovers(self) -> None:
         """End the haproxy processes Ray left running (tests assert there were none where that is their point)."""
-        if self.on_haproxy:
-            self.leftovers = haproxy.stop_leftovers(self.ingress[haproxy.RUN_DIR])
+        self.leftovers = discard_ingress(self.ingress)
 
     def deploy(self, config: dict[str, Any], timeout_s: float = 180, wait: bool = True,
                unchecked_applications: list[dict] = ()) -> None:

@@ -21,7 +21,7 @@ from ray.serve._private.common import DeploymentHandleSource, DeploymentID, Repl
 from serve_app.config import QUEUED_WORK_ROUTER, DeploymentOptions, GatewayConfig
 from serve_app.replica.autoscaling import BACKGROUND_TOKENS, ONLINE_TOKENS, estimated_work
 from serve_app.replica.routing import QueuedWorkRouter, request_work
-from tests.serving import free_port, start_command, stop_command, wait_until_serving
+from tests.serving import discard_ingress, free_port, start_command, stop_command, wait_until_serving
 
 DEPLOYMENT = DeploymentID(name="ModelServer", app_name="routing-test")
 
@@ -134,7 +134,7 @@ def test_small_requests_avoid_the_replica_running_a_huge_one(tmp_path, tiny_rera
     config.write_text(yaml.safe_dump({"http_options": {"host": "127.0.0.1", "port": port},
                                       "applications": [gateway, routed]}))
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must stay short
-    command, _ = start_command(config, tmp_path, haproxy_on=False, RAY_TMPDIR=str(ray_tmp))
+    command, environment = start_command(config, tmp_path, haproxy_on=False, RAY_TMPDIR=str(ray_tmp))
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_serving(command, url)
@@ -168,4 +168,5 @@ def test_small_requests_avoid_the_replica_running_a_huge_one(tmp_path, tiny_rera
         assert calls[idle], "no small call in the other replica's log (the check reads the wrong lines)"
     finally:
         stop_command(command)
+        discard_ingress(environment)
         shutil.rmtree(ray_tmp, ignore_errors=True)
