@@ -105,9 +105,14 @@ class AutoscalingMetrics:
                                    "look-back window (and at its callers), as the policy saw them; kind online or "
                                    "background", tag_keys=("model", "kind"))
 
+        self.arriving = Gauge("qwen3_autoscaling_online_tokens_per_second", "Online tokens the model's replicas "
+                              "computed per second over the look-back window (the work arriving), as the policy saw "
+                              "them", tag_keys=("model",))
+
     def decided(self, model: str, replicas: int, wanted: float, online_tokens: float,
-                background_tokens: float) -> None:
+                background_tokens: float, online_tokens_per_s: float) -> None:
         tags = {"model": model}
+        self.arriving.set(online_tokens_per_s, tags=tags)
         self.replicas.set(replicas, tags=tags)
         self.wanted.set(wanted, tags=tags)
         self.queued_tokens.set(online_tokens, tags={**tags, "kind": "online"})

@@ -20,8 +20,8 @@ from ray.serve.config import AutoscalingContext
 
 from serve_app.config import AutoscalingConfig, ModelConfig, ServeConfigFile
 from serve_app.replica.autoscaling import (BACKGROUND_TOKENS, MEASURED, ONLINE_REQUESTS, ONLINE_TOKENS,
-                                           TOKENS_PER_S, QueuedWorkPolicy, WorkSignal, estimated_tokens_per_s,
-                                           estimated_work)
+                                           ONLINE_TOKENS_PER_S, TOKENS_PER_S, QueuedWorkPolicy, WorkSignal,
+                                           estimated_tokens_per_s, estimated_work)
 
 MEASURED_RATE = 60_000.0  # tokens/s, the tiny reranker's engine on this machine
 HUGE, TINY = 40_000, 81  # tokens held by one 400-document rerank and by one one-document rerank
@@ -69,8 +69,9 @@ class Deployment:
         return self.target
 
 
-def held(online: list[int] = (), background: list[int] = ()) -> dict:
-    """What a replica reports (its own WorkSignal) holding these jobs, after a second of measured work."""
+def held(online: list[int] = (), background: list[int] = (), arriving: float = 0.0) -> dict:
+    """What a replica reports (its own WorkSignal) holding these jobs, after a second of measured work, while
+    computing `arriving` online tokens per second (the signal's own count of that is tested on its own)."""
     signal = WorkSignal(window_s=30, estimated_tokens_per_s=1)
     signal.run_started(0.0, 0, [], background=False)
     signal.run_ended(1.0, int(MEASURED_RATE), 1.0)
@@ -78,7 +79,7 @@ def held(online: list[int] = (), background: list[int] = ()) -> dict:
         signal.hold(("online", key), work, background=False)
     for key, work in enumerate(background):
         signal.hold(("background", key), work, background=True)
-    return signal.report(1.0, int(MEASURED_RATE), len(online))
+    return {**signal.report(1.0, int(MEASURED_RATE), len(online)), ONLINE_TOKENS_PER_S: arriving}
 
 
 WORK = {"min_replicas": 1, "max_replicas": 4, "upscale_delay_s": 10, "downscale_delay_s": 60,
@@ -153,6 +154,20 @@ def test_requests_waiting_at_callers_count_at_the_mean_size_held(clock):
     assert work.target == 2  # (8 + 16) x 2,000 = 48,000 tokens: 0.8 s of work, 1.6 replicas
 
 
+def test_replicas_busy_with_steady_traffic_are_kept_though_their_queue_is_short(clock):
+    work = Deployment(WORK, replicas=3)
+    # Each replica computes 45,000 online tokens/s of its 60,000 and holds a 6,000-token queue (0.1 s of work):
+    # the queue alone would ask for 0.6 replicas, but 135,000 tokens/s arrive, 2.25 replicas' worth.
+    steady = [held(online=[2000] * 3, arriving=45_000)] * 3
+    assert work.tick(steady) == 3
+    clock.now += 61
+    assert work.tick(steady) == 3  # past the downscale delay: (135,000 + 18,000 / 0.5) / 60,000 = 2.85
+    lighter = [held(online=[2000] * 3, arriving=20_000)] * 3
+    work.tick(lighter)
+    clock.now += 61
+    assert work.tick(lighter) == 2  # (60,000 + 36,000) / 60,000 = 1.6
+
+
 def test_no_signal_yet_keeps_the_target(clock):
     work = Deployment(WORK, replicas=2)
     assert work.tick([]) == 2  # replicas that have not reported (starting): no decision either way
@@ -162,7 +177,7 @@ def test_no_signal_yet_keeps_the_target(clock):
 def test_the_signal_counts_queued_and_running_tokens_apart_and_measures_throughput():
     signal = WorkSignal(window_s=30, estimated_tokens_per_s=1000)
     assert signal.report(0.0, 0, 0) == {ONLINE_TOKENS: 0, ONLINE_REQUESTS: 0, BACKGROUND_TOKENS: 0,
-                                        TOKENS_PER_S: 1000, MEASURED: 0}
+                                        TOKENS_PER_S: 1000, MEASURED: 0, ONLINE_TOKENS_PER_S: 0}
     signal.hold("a", 500, background=False)
     signal.hold("b", 300, background=False)
     signal.hold("c", 7000, background=True)
@@ -171,6 +186,7 @@ def test_the_signal_counts_queued_and_running_tokens_apart_and_measures_throughp
     report = signal.report(3.0, counter=300, online_requests=2)
     assert report[ONLINE_TOKENS] == 300 + 300
     assert report[BACKGROUND_TOKENS] == 7000 and report[TOKENS_PER_S] == 100 and report[MEASURED] == 1
+    assert report[ONLINE_TOKENS_PER_S] == 200 / 30  # the online pass's computed tokens over the 30 s window
     signal.run_ended(4.0, tokens=500, seconds=3.0)
     signal.release("a")
     assert signal.report(4.0, 600, 1)[ONLINE_TOKENS] == 300
@@ -184,6 +200,13 @@ def test_the_signal_counts_queued_and_running_tokens_apart_and_measures_throughp
     signal.release("b")
     report = signal.report(101.0, counter=1600, online_requests=0)
     assert report[ONLINE_TOKENS] == 0 and report[BACKGROUND_TOKENS] == 6000
+    # Online work arriving: the online run ended at 4 s, out of the window now; the background pass is not online.
+    assert report[ONLINE_TOKENS_PER_S] == 0
+    signal.run_ended(102.0, tokens=7000, seconds=2.0)
+    signal.hold("d", 300, background=False)
+    signal.run_started(102.0, counter=7600, keys=["d"], background=False)
+    signal.run_ended(103.0, tokens=300, seconds=1.0)
+    assert signal.report(103.0, 7900, 0)[ONLINE_TOKENS_PER_S] == 300 / 30
 
 
 def test_the_replica_reports_its_signal(tiny_reranker_path):

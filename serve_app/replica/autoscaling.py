@@ -19,6 +19,8 @@ look-back window by the deployment's aggregation function (time-weighted mean), 
     tokens_per_s       tokens the engine computed per second it was busy, over the look-back window (the replica's
                        whole life when it was idle for all of it); the per-device estimate until it has run for
                        MIN_MEASURED_S
+    online_tokens_per_s  online tokens the engine computed per second of the look-back window: the online work
+                       arriving at this replica, which it must keep up with while it drains what it holds
     measured           1 when tokens_per_s is measured, 0 while it is the estimate
 
 A token here is a token the engine computes: a rerank request's query head once plus every document window, an
@@ -26,10 +28,15 @@ embedding request's inputs. So held tokens and tokens per second are in the same
 
 The policy (`QueuedWorkPolicy`, selected by a model's `autoscaling.queued_work`): the replicas needed so that the
 online tokens held (plus the requests waiting at callers, at the mean tokens of a held request) drain within
-`target_queue_seconds` at the mean replica's tokens_per_s:
+`target_queue_seconds` at the mean replica's tokens_per_s, while the online work that keeps arriving is computed
+too:
 
-    wanted = online_tokens / (tokens_per_s x target_queue_seconds)
+    wanted = (online_tokens_per_s + online_tokens / target_queue_seconds) / tokens_per_s
              [+ background_tokens / (tokens_per_s x background_queue_seconds), only when that is configured]
+
+Without the arrivals term (the first version) the replicas only matched the queue: at equilibrium they ran nearly
+always busy, and a queue that long made small requests wait several times the target on a GPU-rate trace
+(bench/autoscaling_sim.py --engine h200-8b; BENCHMARKS.md, "Autoscaling").
 
 A request longer than the target counts in full: one 266 s rerank against a 5 s target asks for the maximum. Serve
 never moves a request once a replica has it, so this does not speed that request up; what the replicas buy is
@@ -60,6 +67,7 @@ ONLINE_TOKENS = "online_tokens"
 ONLINE_REQUESTS = "online_requests"
 BACKGROUND_TOKENS = "background_tokens"
 TOKENS_PER_S = "tokens_per_s"
+ONLINE_TOKENS_PER_S = "online_tokens_per_s"
 MEASURED = "measured"
 
 # Engine-busy seconds a replica needs before its throughput counts as measured: less is mostly start-up cost.
@@ -139,7 +147,8 @@ class WorkSignal:
         self.held: dict[Any, tuple[int, bool]] = {}  # key -> (work, background)
         self.total_tokens = 0  # computed by every run that ended, and the engine-busy seconds they took
         self.total_seconds = 0.0
-        self._runs: deque[tuple[float, int, float]] = deque()  # (ended at, tokens, seconds) within the window
+        # (ended at, tokens, seconds, background) of the runs that ended within the window
+        self._runs: deque[tuple[float, int, float, bool]] = deque()
         # The running pass: started at, the engine counter then, its jobs' keys, its work, background or not.
         self._run: tuple[float, int, frozenset, int, bool] | None = None
 
@@ -154,10 +163,11 @@ class WorkSignal:
         self._run = (now, counter, frozenset(keys), work, background)
 
     def run_ended(self, now: float, tokens: int, seconds: float) -> None:
+        background = self._run is not None and self._run[4]
         self._run = None
         self.total_tokens += tokens
         self.total_seconds += seconds
-        self._runs.append((now, tokens, seconds))
+        self._runs.append((now, tokens, seconds, background))
 
     def report(self, now: float, counter: int, online_requests: int) -> dict[str, float]:
         """The metrics Serve records for this replica now (the names at the top of this module)."""
@@ -165,6 +175,7 @@ class WorkSignal:
             self._runs.popleft()
         tokens = sum(run[1] for run in self._runs)
         seconds = sum(run[2] for run in self._runs)
+        online_computed = sum(run[1] for run in self._runs if not run[3])
         in_run: frozenset = frozenset()
         remaining, run_background = 0, False
         if self._run is not None:  # the running pass: what it has computed so far is no longer held
@@ -173,6 +184,8 @@ class WorkSignal:
             remaining = max(0, work - done)
             tokens += done
             seconds += max(0.0, now - started)
+            if not run_background:
+                online_computed += done
         if seconds >= MIN_MEASURED_S:
             rate, measured = tokens / seconds, 1
         elif self.total_seconds >= MIN_MEASURED_S:
@@ -186,14 +199,17 @@ class WorkSignal:
         elif remaining:  # an online pass, or a background pass online work waits behind: it is ahead of that work
             online.append(remaining)
         return {ONLINE_TOKENS: float(sum(online)), ONLINE_REQUESTS: float(online_requests),
-                BACKGROUND_TOKENS: float(background), TOKENS_PER_S: float(rate), MEASURED: float(measured)}
+                BACKGROUND_TOKENS: float(background), TOKENS_PER_S: float(rate), MEASURED: float(measured),
+                ONLINE_TOKENS_PER_S: online_computed / self.window_s}
 
 
 def wanted_replicas(online_tokens: float, background_tokens: float, tokens_per_s: float,
-                    target_queue_seconds: float, background_queue_seconds: float | None = None) -> float:
-    """Replicas that drain the online tokens within target_queue_seconds (and the background tokens within
-    background_queue_seconds, when set) at tokens_per_s each. Unbounded; a fraction means part of a replica."""
-    wanted = online_tokens / (tokens_per_s * target_queue_seconds)
+                    target_queue_seconds: float, background_queue_seconds: float | None = None,
+                    online_arriving: float = 0.0) -> float:
+    """Replicas that drain the online tokens within target_queue_seconds while computing the `online_arriving`
+    tokens per second that keep coming (and the background tokens within background_queue_seconds, when set) at
+    tokens_per_s each. Unbounded; a fraction means part of a replica."""
+    wanted = (online_arriving + online_tokens / target_queue_seconds) / tokens_per_s
     if background_queue_seconds is not None:
         wanted += background_tokens / (tokens_per_s * background_queue_seconds)
     return wanted
@@ -221,22 +237,24 @@ class QueuedWorkPolicy:
         online = sum(online_by[replica] for replica in reporting)
         background = sum(metrics.get(BACKGROUND_TOKENS, {}).get(replica, 0.0) for replica in reporting)
         requests = sum(metrics.get(ONLINE_REQUESTS, {}).get(replica, 0.0) for replica in reporting)
+        arriving = sum(metrics.get(ONLINE_TOKENS_PER_S, {}).get(replica, 0.0) for replica in reporting)
         waiting_at_callers = ctx.total_queued_requests or 0.0  # past max_ongoing_requests, not in any replica
         if waiting_at_callers > 0 and requests > 0:
             online += waiting_at_callers * online / requests
         rate = sum(rates) / len(rates)
-        wanted = wanted_replicas(online, background, rate, self.target_queue_seconds, self.background_queue_seconds)
+        wanted = wanted_replicas(online, background, rate, self.target_queue_seconds, self.background_queue_seconds,
+                                 arriving)
         decision = min(max(wanted, ctx.capacity_adjusted_min_replicas), ctx.capacity_adjusted_max_replicas)
-        self._publish(ctx, wanted, online, background)
+        self._publish(ctx, wanted, online, background, arriving)
         return decision, {}
 
-    def _publish(self, ctx, wanted: float, online: float, background: float) -> None:
+    def _publish(self, ctx, wanted: float, online: float, background: float, arriving: float) -> None:
         try:
             if self._metrics is None:
                 from serve_app.metrics import AutoscalingMetrics
 
                 self._metrics = AutoscalingMetrics()
             self._metrics.decided(ctx.app_name or ctx.deployment_name, ctx.current_num_replicas, wanted, online,
-                                  background)
+                                  background, arriving)
         except Exception:  # noqa: BLE001 - metrics must never stop a scaling decision
             logger.exception("queued-work policy: publishing metrics failed")
