@@ -14,9 +14,9 @@ A discrete-event simulation of one model deployment as this project runs it, wit
              max_ongoing_requests per replica; past that a request waits at the caller.
   replica    the ModelServer engine loop: whenever the engine is free it takes every online job queued (up to
              max_batch_tokens), or, when no online job is inside and none has been for background_grace_ms, the
-             background jobs queued. A run takes its tokens / the replica's tokens per second (`--tokens-per-s`,
-             default the measured engine figure below). New replicas serve after `--startup-s`; a stopped replica
-             takes no new requests and finishes what it holds.
+             background jobs queued. A run takes the engine's fixed cost per pass plus its tokens / the replica's
+             tokens per second (the engine's measured figures, below). New replicas serve after `--startup-s`; a
+             stopped replica takes no new requests and finishes what it holds.
   signals    every replica keeps serve_app.replica.autoscaling.WorkSignal (the code the replicas run) and its
              requests in flight, sampled every min(0.2 x look_back_period_s, metrics_interval_s) and pushed every
              metrics_interval_s; the controller averages each over the look-back window with Serve's own
@@ -30,13 +30,15 @@ Reported per policy: replica-seconds (start-up included, until a stopped replica
 background batch finished. The request-count policy is swept over `--request-targets`; "tuned" is the cheapest
 setting whose small-request (queries and 8-document reranks) p99 is at most the queued-work policy's.
 
-Throughput: BENCHMARKS.md, "Engines vs the model cards' code": the shape-true Qwen3 0.6B reranker on the 2-core CPU
-computed 14,873 tokens in 79.12 s (rerank 1 x 32, fp32, 2 threads): 188 tokens/s. That is the only measured engine
-figure (no GPU yet), so the trace's sizes and rates are set for it: a replica is one 2-core CPU 0.6B replica. A run's
-time is its tokens / that rate: on this CPU, cost per token was flat from one-document requests to 32-document
-batches (BENCHMARKS.md, "Serving": 87-113 ms for a one-document rerank on 4 of 28 layers, the same rate).
+Engines (`--engine`, ENGINES below: measured figures from BENCHMARKS.md): a run of T tokens takes pass_s + T /
+tokens_per_s. `cpu-0.6b` (the default): the shape-true 0.6B reranker on the 2-core CPU, 188 tokens/s, cost per token
+flat from one-document requests to 32-document batches. `h200-0.6b` / `h200-8b`: the engines on an H200 in bf16, a
+fixed cost per pass (what one small request alone took) plus the rate of a full batch. The trace's request sizes
+stay; its arrival rates and background lines are scaled by `--rate-scale` (default: the engine's tokens/s over the
+CPU engine's, so a replica is as loaded as a CPU replica is by the CPU trace).
 
-    python bench/autoscaling_sim.py                       # 3 traces x 14 policies: a few minutes
+    python bench/autoscaling_sim.py                       # CPU engine, 3 traces x 2 h x 18 policies: about a minute
+    python bench/autoscaling_sim.py --engine h200-8b --hours 0.5 --seeds 27 28 --request-targets 2 4 8 16 32 64
     python bench/autoscaling_sim.py --hours 0.5 --seeds 1 --target-queue-s 1 --request-targets 2 8
 """
 
@@ -65,11 +67,35 @@ from ray.serve.config import AutoscalingContext  # noqa: E402
 
 from serve_app.config import AutoscalingConfig, BatchingConfig  # noqa: E402
 from serve_app.replica.autoscaling import (BACKGROUND_TOKENS, ONLINE_REQUESTS, ONLINE_TOKENS,  # noqa: E402
-                                           TOKENS_PER_S, WorkSignal, estimated_tokens_per_s)
+                                           ONLINE_TOKENS_PER_S, TOKENS_PER_S, WorkSignal, estimated_tokens_per_s)
 
-MEASURED_TOKENS_PER_S = 14873 / 79.12  # BENCHMARKS.md: shape-true 0.6B rerank 1 x 32, 2-core CPU
-# The per-device estimate a new replica reports before it has measured itself (Qwen3-0.6B, CPU, 2 threads).
-ESTIMATE = estimated_tokens_per_s("cpu", 596_049_920, 151_669 * 1024, 2)
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One replica's engine: a pass of T tokens takes pass_s + T / tokens_per_s. `estimate` is what the replica
+    reports before it has measured itself (serve_app.replica.autoscaling.estimated_tokens_per_s for its device)."""
+    tokens_per_s: float
+    pass_s: float
+    estimate: float
+    note: str
+
+
+# Measured engine figures (BENCHMARKS.md). CPU: "Engines vs the model cards' code", the shape-true 0.6B reranker on
+# the 2-core CPU computed 14,873 tokens in 79.12 s (rerank 1 x 32, fp32, 2 threads), flat per token from one-document
+# requests to 32-document batches, so no fixed cost per pass. H200 ("GPU", bf16, engine.run): one small request
+# alone is the fixed cost of a pass (one-document rerank: 19.4 ms for the 0.6B, 39.1 ms for the 8B), and the rate is
+# what is left of rerank 64 x 8 (93,968 tokens in 7 passes: 0.4814 s and 2.4330 s) once 7 fixed costs are taken out.
+ENGINES = {
+    "cpu-0.6b": Engine(14873 / 79.12, 0.0, estimated_tokens_per_s("cpu", 596_049_920, 151_669 * 1024, 2),
+                       "shape-true 0.6B reranker, 2-core CPU, fp32"),
+    "h200-0.6b": Engine(93968 / (0.4814 - 7 * 0.0194), 0.0194,
+                        estimated_tokens_per_s("cuda", 596_049_920, 151_669 * 1024, 1), "Qwen3-0.6B shape, H200, bf16"),
+    # Qwen3-8B: 8.2B parameters, 6.95B of them outside the embedding (the model card).
+    "h200-8b": Engine(93968 / (2.4330 - 7 * 0.0391), 0.0391,
+                      estimated_tokens_per_s("cuda", 8_200_000_000, 1_250_000_000, 1), "Qwen3-8B shape, H200, bf16"),
+}
+CPU_ENGINE = ENGINES["cpu-0.6b"]
 HEAD, DOC = 60, 50  # tokens of a rerank's head (prefix, instruction, query) and of one short passage
 KINDS = {"query": 30, "rerank-8": HEAD + 8 * DOC, "rerank-1000": HEAD + 1000 * DOC, "batch-line": HEAD + 8 * DOC}
 SMALL = ("query", "rerank-8")
@@ -115,13 +141,15 @@ class Replica:
     reported: float = 0.0  # online + background tokens at its last routing-stats report
     pushed: list = field(default_factory=list)  # what the controller has
 
-    def engine_counter(self, now: float, rate: float) -> int:
+    def engine_counter(self, now: float, rate: float, pass_s: float) -> int:
         if self.running is None:
             return int(self.counter)
-        return int(self.counter + min(sum(j.tokens for j in self.running), (now - self.run_started) * rate))
+        progress = max(0.0, now - self.run_started - pass_s) * rate  # the pass's fixed cost comes first
+        return int(self.counter + min(sum(j.tokens for j in self.running), progress))
 
 
-def make_trace(hours: float, seed: int, batch_lines: int, batch_start_s: float) -> tuple[list[Job], float, int]:
+def make_trace(hours: float, seed: int, batch_lines: int, batch_start_s: float,
+               rate_scale: float = 1.0) -> tuple[list[Job], float, int]:
     rng = random.Random(seed)
     scale = hours * 60 / sum(p[0] for p in PHASES)
     jobs: list[Job] = []
@@ -129,6 +157,7 @@ def make_trace(hours: float, seed: int, batch_lines: int, batch_start_s: float) 
     for minutes, level_from, level_to in PHASES:
         length = minutes * 60 * scale
         for kind, peak in PEAK_RATES.items():
+            peak *= rate_scale
             # Thinning: candidates at the peak rate, kept with probability level(t).
             t = start
             while True:
@@ -152,6 +181,7 @@ class Simulation:
         # tokens sent to each replica and not yet answered.
         self.sent: dict[bool, dict[int, int]] = {False: {}, True: {}}
         self.rate = args.tokens_per_s
+        self.pass_s = args.pass_s
         options = AutoscalingConfig.model_validate(autoscaling).serve_options()
         self.config = ServeAutoscalingConfig.model_validate(options)
         self.policy = _resolve_policy_callable(self.config.policy)
@@ -250,7 +280,7 @@ class Simulation:
 
     def on_record(self, t: float, _=None) -> None:
         for replica in self.live():
-            report = replica.signal.report(t, replica.engine_counter(t, self.rate), replica.online_inside)
+            report = replica.signal.report(t, replica.engine_counter(t, self.rate, self.pass_s), replica.online_inside)
             report["ongoing"] = replica.ongoing
             replica.samples.append((t, report))
             if t >= replica.next_push:
@@ -265,7 +295,7 @@ class Simulation:
     def on_routing_stats(self, t: float, _=None) -> None:
         """Serve asks each replica for its routing stats every request_routing_stats_period_s."""
         for replica in self.live():
-            report = replica.signal.report(t, replica.engine_counter(t, self.rate), replica.online_inside)
+            report = replica.signal.report(t, replica.engine_counter(t, self.rate, self.pass_s), replica.online_inside)
             replica.reported = report[ONLINE_TOKENS] + report[BACKGROUND_TOKENS]
         if not (t > self.trace_end and self.idle()):
             self.push(t + self.args.routing_stats_s, "routing_stats")
@@ -278,7 +308,8 @@ class Simulation:
         for replica in running:
             if not replica.pushed:
                 continue
-            for name in (ONLINE_TOKENS, ONLINE_REQUESTS, BACKGROUND_TOKENS, TOKENS_PER_S, "ongoing"):
+            for name in (ONLINE_TOKENS, ONLINE_REQUESTS, BACKGROUND_TOKENS, TOKENS_PER_S, ONLINE_TOKENS_PER_S,
+                         "ongoing"):
                 value = self.average([(s, r[name]) for s, r in replica.pushed], t)
                 if name == "ongoing":
                     total_requests += value
@@ -318,7 +349,7 @@ class Simulation:
 
     def start_replica(self, t: float, ready: bool = False) -> None:
         ready_at = t if ready else t + self.args.startup_s
-        replica = Replica(len(self.replicas), t, ready_at, WorkSignal(self.look_back, ESTIMATE),
+        replica = Replica(len(self.replicas), t, ready_at, WorkSignal(self.look_back, self.args.estimate),
                           next_push=ready_at + self.rng.uniform(0, self.interval))
         self.replicas.append(replica)
         if not ready:
@@ -392,7 +423,7 @@ class Simulation:
             tokens += job.tokens
         replica.running, replica.run_background, replica.run_started = taken, background, t
         replica.signal.run_started(t, int(replica.counter), [id(job) for job in taken], background)
-        self.push(t + tokens / self.rate, "run_end", replica)
+        self.push(t + self.pass_s + tokens / self.rate, "run_end", replica)
 
     # ---- results ------------------------------------------------------------------------------------------
 
@@ -433,8 +464,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hours", type=float, default=2.0, help="trace length (its phases scale with it)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[27, 28, 29],
                         help="one trace per seed; each policy runs every trace and its results are pooled")
-    parser.add_argument("--tokens-per-s", type=float, default=MEASURED_TOKENS_PER_S,
-                        help="engine throughput of one replica (default: the measured CPU 0.6B figure)")
+    parser.add_argument("--engine", choices=sorted(ENGINES), default="cpu-0.6b",
+                        help="a replica's measured engine figures (ENGINES); the trace is scaled to it")
+    parser.add_argument("--tokens-per-s", type=float, help="engine throughput of one replica (default: the engine's)")
+    parser.add_argument("--pass-s", type=float, help="fixed cost of one engine pass (default: the engine's)")
+    parser.add_argument("--rate-scale", type=float,
+                        help="arrival rates and background lines x this (default: the engine's tokens/s over the CPU "
+                             "engine's, so the trace loads a replica as the CPU trace loads a CPU replica)")
     parser.add_argument("--startup-s", type=float, default=20.0, help="a new replica's time until it serves")
     parser.add_argument("--min-replicas", type=int, default=1)
     parser.add_argument("--max-replicas", type=int, default=8)
@@ -448,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="queued_work.target_queue_seconds to run")
     parser.add_argument("--request-targets", type=float, nargs="+", default=[0.25, 0.35, 0.5, 0.7, 1, 1.4, 2, 4, 8, 16],
                         help="target_ongoing_requests values to sweep")
-    parser.add_argument("--batch-lines", type=int, default=1500, help="8-document lines of the background batch")
+    parser.add_argument("--batch-lines", type=int,
+                        help="8-document lines of the background batch (default 1,500 x the rate scale)")
     parser.add_argument("--batch-start-s", type=float, default=600.0)
     parser.add_argument("--batch-in-flight", type=int, default=16, help="batches.max_in_flight_per_model")
     parser.add_argument("--background-grace-ms", type=float, default=100.0)
@@ -462,7 +499,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve logs every policy it instantiates
 
-    traces = {seed: make_trace(args.hours, seed, args.batch_lines, args.batch_start_s) for seed in args.seeds}
+    engine = ENGINES[args.engine]
+    args.tokens_per_s = args.tokens_per_s or engine.tokens_per_s
+    args.pass_s = engine.pass_s if args.pass_s is None else args.pass_s
+    args.estimate = engine.estimate
+    args.rate_scale = args.rate_scale or round(engine.tokens_per_s / CPU_ENGINE.tokens_per_s)
+    if args.batch_lines is None:
+        args.batch_lines = round(1500 * args.rate_scale)
+    traces = {seed: make_trace(args.hours, seed, args.batch_lines, args.batch_start_s, args.rate_scale)
+              for seed in args.seeds}
     for seed, trace in traces.items():
         counts = {kind: sum(job.kind == kind for job in trace[0]) for kind in KINDS}
         offered = sum(job.tokens for job in trace[0]) + args.batch_lines * KINDS["batch-line"]
@@ -470,7 +515,10 @@ def main(argv: list[str] | None = None) -> int:
               + f", {args.batch_lines} background lines from {args.batch_start_s:g} s; offered work "
               f"{offered / args.tokens_per_s:.0f} replica-seconds")
     print("# tokens per request: " + ", ".join(f"{k} {v}" for k, v in KINDS.items()))
-    print(f"# replica: {args.tokens_per_s:.1f} tokens/s (estimate before measuring {ESTIMATE:.1f}), start-up "
+    print(f"# arrival rates x {args.rate_scale:g} (peak per second: "
+          + ", ".join(f"{kind} {rate * args.rate_scale:g}" for kind, rate in PEAK_RATES.items()) + ")")
+    print(f"# replica ({args.engine}: {engine.note}): {args.tokens_per_s:.1f} tokens/s + {args.pass_s * 1000:g} ms per "
+          f"pass (estimate before measuring {args.estimate:.1f} tokens/s), start-up "
           f"{args.startup_s:g} s, max_ongoing_requests {args.max_ongoing}, background lines in flight "
           f"{args.batch_in_flight}")
     print(f"# autoscaling: replicas {args.min_replicas}-{args.max_replicas}, delays up {args.upscale_delay_s:g} s / "
