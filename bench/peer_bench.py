@@ -8,7 +8,9 @@ code and the same request bodies (OpenAI `/v1/embeddings`, base64 vectors):
     latency   sequential one-text requests: p50 and p90
     rate      `--concurrency` (32) closed-loop clients of one-text requests: requests/s, and the CPU seconds the
               server's processes spent per 1,000 requests meanwhile (from /proc, the client's own excluded: unlike
-              the rate, that figure does not depend on the client sharing the cores)
+              the rate, that figure does not depend on the client sharing the cores). With `--floor` (default), the
+              same for Ray Serve's own floor in our Ray instance (bench/floor_app.py: ingress -> handle -> constants,
+              no model, no auth, no ledger, same ingress): what any two-hop Ray Serve design costs at the least
   shape-true 0.6B widths, 4 layers, `--wide-threads` torch threads (default: every core)
     texts     4 clients x 8 texts (20-80 words) per request: texts/s, and the server's CPU seconds per 1,000 texts
 
@@ -45,7 +47,6 @@ import contextlib
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -87,6 +88,8 @@ class Server:
     model: str  # its name in requests
     # The server's processes in a /proc snapshot, by what they do ("gateway", "ingress", "model" ...)
     processes: Callable[[dict], dict[str, list[process_cpu.Process]]]
+    route: str = ROUTE
+    computes: bool = True  # returns real vectors (the floor answers constants)
 
 
 # ---- the two servers ------------------------------------------------------------------------------------
@@ -95,10 +98,12 @@ class Server:
 
 @contextlib.contextmanager
 def our_servers(database_url: str, secret: str | None, database_marker: str | None,
-                max_threads: int) -> Iterator[Callable[[Path, int], Server]]:
+                max_threads: int, floor: bool = False) -> Iterator[Callable[[Path, int], Server]]:
     """Our gateway in a Ray instance of this run's own (local_serve: the start the other benchmarks use; the ingress
     follows the environment, QWEN3_SERVE_HAPROXY), and the checkpoint's model application deployed beside it, in
-    place of the one before (one Ray start per run)."""
+    place of the one before (one Ray start per run). With `floor`, Ray Serve's floor app is deployed beside them and
+    `serve.floor` is its Server."""
+    from bench.floor_bench import floor_application
     from tests.serving import free_port
 
     port = free_port()
@@ -111,8 +116,19 @@ def our_servers(database_url: str, secret: str | None, database_marker: str | No
                 continue
             # "replica:gateway" (the gateway app also holds the batch runner), "replica:<model>", "ingress", "ray"
             role = process_cpu.serve_role(process)
+            if role == "replica:floor":
+                continue
             role = "gateway" if role == "replica:gateway" else "model" if role.startswith("replica:") else role
             roles.setdefault(role, []).append(process)
+        return roles
+
+    def floor_processes(table: dict) -> dict[str, list[process_cpu.Process]]:
+        roles: dict[str, list[process_cpu.Process]] = {}
+        for process in process_cpu.descendants(os.getpid(), table):
+            role = process_cpu.serve_role(process)
+            if role.startswith("replica:") and role != "replica:floor":
+                continue  # our gateway and model replicas (idle meanwhile)
+            roles.setdefault("floor" if role == "replica:floor" else role, []).append(process)
         return roles
 
     with local_serve(port, num_cpus=max(8, max_threads + 2)) as instance:
@@ -120,11 +136,14 @@ def our_servers(database_url: str, secret: str | None, database_marker: str | No
 
         def serve(checkpoint: Path, threads: int) -> Server:
             instance.deploy(stack_config(port, [model_application(checkpoint.name, "embed", checkpoint, threads)],
-                                         auth=secret is not None, database_url=database_url))
+                                         auth=secret is not None, database_url=database_url),
+                            unchecked_applications=[floor_application()] if floor else [])
             ingresses = processes(process_cpu.snapshot()).get("ingress", [])
             ingress = "HAProxy" if any(p.name == "haproxy" for p in ingresses) else "Serve's Python proxy"
             return Server(f"ours ({ingress})", instance.url, instance.headers, checkpoint.name, processes)
 
+        serve.floor = Server("Ray Serve's floor (no model)", instance.url, {}, "floor", floor_processes,
+                             route="/floor" + ROUTE, computes=False)
         yield serve
 
 
@@ -233,7 +252,7 @@ def payload(model: str, texts: list[str]) -> dict:
 
 
 async def post(session, server: Server, body: dict) -> bytes:
-    async with session.post(ROUTE, json=body, headers=server.headers) as response:
+    async with session.post(server.route, json=body, headers=server.headers) as response:
         content = await response.read()
         if response.status != 200:
             raise RuntimeError(f"{server.name}: HTTP {response.status}: {content[:500]!r}")
@@ -274,7 +293,8 @@ async def measure(server: Server, phases: list[str], args) -> dict:
     results: dict = {}
     one_text = payload(server.model, ONE_DOCUMENT)
     async with aiohttp.ClientSession(server.url, connector=aiohttp.TCPConnector(limit=args.concurrency)) as session:
-        results["vectors"] = await vectors(session, server, CHECK_TEXTS)
+        if server.computes:
+            results["vectors"] = await vectors(session, server, CHECK_TEXTS)
         if "latency" in phases:
             await sequential(session, server, one_text, 20)
             results["latency"] = await sequential(session, server, one_text, args.latency_samples)
@@ -315,7 +335,7 @@ def check_same_vectors(checkpoint: str, ours: np.ndarray, theirs: np.ndarray) ->
         raise SystemExit(f"the servers compute different vectors (cosine {min(cosines):.5f}): the comparison is void")
 
 
-def report(ours: dict, theirs: dict, args) -> None:
+def report(ours: dict, theirs: dict, args, floor: dict | None = None) -> None:
     print(f"\n{'metric':<44} {'ours':>10} {'Infinity':>10} {'ours/Inf.':>10}  target")
     rows = []
     if "latency" in ours:
@@ -331,6 +351,10 @@ def report(ours: dict, theirs: dict, args) -> None:
                      ours["texts"], theirs["texts"], (">=", 2.5)))
         rows.append(("server CPU s per 1,000 of those texts", sum(ours["texts_cpu"].values()),
                      sum(theirs["texts_cpu"].values()), None))
+    if floor:
+        rows.append(("Ray Serve's floor (no model): requests/s", floor["rate"], theirs["rate"], None))
+        rows.append(("Ray Serve's floor: CPU s per 1,000 requests", sum(floor["rate_cpu"].values()),
+                     sum(theirs["rate_cpu"].values()), None))
     for label, a, b, target in rows:
         verdict = ""
         if target:
@@ -342,6 +366,9 @@ def report(ours: dict, theirs: dict, args) -> None:
         if phase in ours:
             print(f"ours' CPU s per 1,000 {unit} by process: " + ", ".join(
                 f"{role} {seconds:.2f}" for role, seconds in sorted(ours[f"{phase}_cpu"].items())))
+    if floor:
+        print("Ray Serve's floor's CPU s per 1,000 requests by process: " + ", ".join(
+            f"{role} {seconds:.2f}" for role, seconds in sorted(floor["rate_cpu"].items())))
 
 
 def main() -> None:
@@ -351,6 +378,8 @@ def main() -> None:
     parser.add_argument("--database", default="sqlite", choices=["sqlite", "postgres"], help="our keys and ledger")
     parser.add_argument("--haproxy", action=argparse.BooleanOptionalAction, default=None,
                         help="our ingress: QWEN3_SERVE_HAPROXY=1 / 0 for this run (default: the environment's; on)")
+    parser.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure Ray Serve's floor app's request rate, in our Ray instance (rate phase)")
     parser.add_argument("--infinity-venv", default=str(REPO / ".peers" / "infinity"))
     parser.add_argument("--latency-samples", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=32)
@@ -385,6 +414,7 @@ def main() -> None:
     checkpoints = {kind: build_checkpoint(folder / checkpoint_name("embed", *shapes[kind]), "embed", *shapes[kind])
                    for kind, phases in workloads.items() if phases}
     results: dict[str, dict] = {"ours": {}, "Infinity": {}}
+    floor: dict | None = None
     vectors: dict[str, list[np.ndarray]] = {kind: [] for kind in checkpoints}
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="peer-bench-")))
@@ -396,7 +426,8 @@ def main() -> None:
         secret = KeyStore(connect(database_url)).create("peer-bench")[1] if args.auth else None
 
         for label, servers in (
-                ("ours", lambda: our_servers(database_url, secret, database_marker, max(threads.values()))),
+                ("ours", lambda: our_servers(database_url, secret, database_marker, max(threads.values()),
+                                             floor=args.floor and "rate" in args.phases)),
                 ("Infinity", lambda: infinity_servers(args.infinity_venv, workdir, secret))):
             with servers() as serve:
                 for kind, checkpoint in checkpoints.items():
@@ -408,9 +439,12 @@ def main() -> None:
                     print(f"  load average {load:.1f} -> {os.getloadavg()[0]:.1f}", flush=True)
                     vectors[kind].append(measured.pop("vectors"))
                     results[label].update(measured)
+                    if label == "ours" and "rate" in workloads[kind] and getattr(serve, "floor", None) is not None:
+                        print(f"{serve.floor.name}: measuring rate", flush=True)
+                        floor = asyncio.run(measure(serve.floor, ["rate"], args))
     for kind, (ours, theirs) in vectors.items():
         check_same_vectors(checkpoints[kind].name, ours, theirs)
-    report(results["ours"], results["Infinity"], args)
+    report(results["ours"], results["Infinity"], args, floor)
 
 
 if __name__ == "__main__":
