@@ -62,11 +62,22 @@ class EmbedJob:
     def num_tokens(self) -> int:
         return sum(self.token_counts)
 
+    def part(self, start: int, end: int) -> EmbedJob:
+        """Inputs start..end-1 as a job of their own: a long request runs in parts (each vector is its input's
+        alone)."""
+        return EmbedJob(input_ids=self.input_ids[start:end], dimensions=self.dimensions, normalize=self.normalize)
+
 
 @dataclass
 class EmbedResult:
     embeddings: np.ndarray  # float32 [n, dimensions], unit L2 norm (unless not asked to normalize), input order
     token_counts: list[int]
+
+    @classmethod
+    def joined(cls, parts: list[EmbedResult]) -> EmbedResult:
+        """The result of a job run in parts (EmbedJob.part), the parts in input order."""
+        return cls(embeddings=np.concatenate([part.embeddings for part in parts]),
+                   token_counts=[x for part in parts for x in part.token_counts])
 
 
 class Qwen3Embedder(Qwen3Engine):

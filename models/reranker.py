@@ -63,6 +63,14 @@ class RerankJob:
     def num_tokens(self) -> int:
         return sum(self.token_counts)
 
+    def part(self, start: int, end: int) -> RerankJob:
+        """Documents start..end-1 as a job of their own (the same head): a long request runs in parts, and each
+        document's score does not depend on the others, so the parts' results joined are the whole's."""
+        first = sum(self.windows[:start])
+        last = first + sum(self.windows[start:end])
+        counts = None if self.window_counts is None else self.window_counts[start:end]
+        return RerankJob(head_ids=self.head_ids, tail_ids=self.tail_ids[first:last], window_counts=counts)
+
 
 @dataclass
 class RerankResult:
@@ -71,6 +79,14 @@ class RerankResult:
     # logit(P(yes)) = (W[yes] - W[no]) . h_last, kept exact for clients that ask for raw scores (TEI).
     logits: list[float]
     windows: list[int]  # prompts scored per document: 1, or its chunks
+
+    @classmethod
+    def joined(cls, parts: list[RerankResult]) -> RerankResult:
+        """The result of a job run in parts (RerankJob.part), the parts in document order."""
+        return cls(scores=[x for part in parts for x in part.scores],
+                   token_counts=[x for part in parts for x in part.token_counts],
+                   logits=[x for part in parts for x in part.logits],
+                   windows=[x for part in parts for x in part.windows])
 
 
 class Qwen3Reranker(Qwen3Engine):

@@ -67,7 +67,8 @@ class BatchingConfig(Strict):
     # where fewer, fuller passes are what counts; models/base.py says what was measured).
     max_items: int | None = Field(default=None, ge=1)
     # Tokens gathered from concurrent requests into one engine call (the @serve.batch budget, counted with
-    # batch_size_fn). A single request larger than this still runs, alone.
+    # batch_size_fn). A single request larger than this still runs: in parts (max_pass_seconds), or whole and
+    # alone when max_pass_seconds is None.
     max_batch_tokens: int = Field(default=65536, ge=256)
     # How long the first request of a batch waits for company in @serve.batch. Only requests that arrive while the
     # engine is busy take that path (they would wait for the running pass anyway); one that finds it idle runs at
@@ -83,6 +84,11 @@ class BatchingConfig(Strict):
     # none has been for this long: the gap between one client's back-to-back requests is shorter, so a stream of
     # online requests never waits behind a background pass (only the first after a quiet spell may, for one pass).
     background_grace_ms: float = Field(default=100.0, ge=0, le=10_000)
+    # About how long one engine run may compute, at the replica's measured tokens per second: a request that arrives
+    # during a run waits for all of it. A request larger than that runs in parts (whole documents or inputs), and
+    # requests that arrive meanwhile are taken in between (serve_app/replica/passes.py). None: unbounded (a request
+    # is one run, however long; runs still stop at max_batch_tokens).
+    max_pass_seconds: float | None = Field(default=0.25, gt=0)
 
 
 class QueuedWorkConfig(Strict):

@@ -217,7 +217,8 @@ def test_the_replica_reports_its_signal(tiny_reranker_path):
     server = ModelServer.func_or_class({"name": "r", "task": "rerank", "source": str(tiny_reranker_path),
                                         "device": "cpu", "deployment": {"autoscaling": {"queued_work": {}}}})
     # Over max_batch_tokens: the job skips @serve.batch (which needs a running Serve replica).
-    server.reconfigure({"max_batch_tokens": 256})
+    # One run (max_pass_seconds None): in parts, each part would compute the query head again.
+    server.reconfigure({"max_batch_tokens": 256, "max_pass_seconds": None})
     documents = ["a long document about pandas and bamboo " * 20] * 200
     tokenizer_gate, engine_gate = threading.Event(), threading.Event()
 

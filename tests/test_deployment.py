@@ -54,7 +54,8 @@ def test_max_waiting_requests_refuses_at_once_while_the_engine_is_busy(tiny_rera
                                         "device": "cpu", "deployment": {"backpressure_retry_after_s": 2}})
     # Every job here is over max_batch_tokens, so it skips @serve.batch (which needs a running Serve replica) and
     # goes straight to the engine queue, where admission is decided.
-    server.reconfigure({"max_waiting_requests": 0, "max_batch_tokens": 256})
+    # Runs unbounded in time (max_pass_seconds None): the heavy request is one run that the others wait behind.
+    server.reconfigure({"max_waiting_requests": 0, "max_batch_tokens": 256, "max_pass_seconds": None})
     heavy = ["a long document about pandas and bamboo " * 40] * 300
     light = ["bamboo " * 300]
 
@@ -72,7 +73,8 @@ def test_max_waiting_requests_refuses_at_once_while_the_engine_is_busy(tiny_rera
         assert len((await running)["scores"]) == 300
         assert len((await server.rerank("q", light))["scores"]) == 1  # the engine is free again: accepted
 
-        server.reconfigure({"max_waiting_requests": 1, "max_batch_tokens": 256})  # one may wait behind the pass
+        # One may wait behind the pass.
+        server.reconfigure({"max_waiting_requests": 1, "max_batch_tokens": 256, "max_pass_seconds": None})
         running = await in_forward_pass(server.rerank("q", heavy))
         waiting = asyncio.create_task(server.rerank("q", light))
         await asyncio.sleep(0.05)
@@ -127,6 +129,7 @@ def test_requests_that_arrive_while_the_engine_is_busy_gather_for_its_next_pass(
         gathered.append(job)
         return (await server._forward([job]))[0]
 
+    server.reconfigure({"max_pass_seconds": None})  # the heavy request is one run (bounded runs: below)
     server._run_batch = serve_batch_stand_in
     heavy = ["a long document about pandas and bamboo " * 40] * 300
     waiting = [[f"document {i} about bamboo"] for i in range(3)]
@@ -174,5 +177,68 @@ def test_background_jobs_yield_to_online_ones_and_never_count_against_admission(
         return online
 
     assert len(asyncio.run(scenario())["scores"]) == 1
-    assert finished[:2] == ["heavy", "online"] and sorted(finished[2:]) == ["batch-0", "batch-1", "batch-2"]
+    # The online request runs between the heavy one's parts (bounded runs), so it may end first; the background jobs
+    # wait for both.
+    assert set(finished[:2]) == {"heavy", "online"} and sorted(finished[2:]) == ["batch-0", "batch-1", "batch-2"]
     assert server._stats["background_jobs"] == 3
+
+
+def bounded_server(tiny_reranker_path):
+    """A replica whose runs stop at 4,096 tokens (max_batch_tokens bounds max_pass_seconds' share of the tiny
+    engine's throughput), with @serve.batch (which needs a running Serve replica) replaced by a one-job stand-in."""
+    server = ModelServer.func_or_class({"name": "r", "task": "rerank", "source": str(tiny_reranker_path),
+                                        "device": "cpu"})
+    server.reconfigure({"max_batch_tokens": 4096, "max_pass_seconds": 0.25})
+
+    async def serve_batch_stand_in(job):
+        return (await server._forward([job]))[0]
+
+    server._run_batch = serve_batch_stand_in
+    return server
+
+
+HEAVY = ["a long document about pandas and bamboo " * 40] * 300  # about 90,000 tokens: 20-odd bounded runs
+
+
+def test_a_long_request_runs_in_bounded_parts_and_a_short_one_ends_in_between(tiny_reranker_path):
+    server = bounded_server(tiny_reranker_path)
+    finished: list[str] = []
+
+    async def tracked(name, request):
+        result = await request
+        finished.append(name)
+        return result
+
+    async def scenario():
+        heavy = asyncio.create_task(tracked("heavy", server.rerank("q", HEAVY)))
+        while not server._busy:  # its first part is running
+            await asyncio.sleep(0.001)
+        short = await tracked("short", server.rerank("q", ["Pandas eat bamboo."]))
+        return await heavy, short
+
+    heavy, short = asyncio.run(scenario())
+    assert finished == ["short", "heavy"]
+    stats = server._stats
+    assert stats["jobs"] == 2 and stats["engine_runs"] >= 20, stats  # a request counts once, however many parts
+    whole = server.engine.rerank("q", HEAVY)
+    assert heavy["scores"] == pytest.approx(whole.scores, abs=1e-6) and heavy["token_counts"] == whole.token_counts
+    assert short["scores"] == pytest.approx(server.engine.rerank("q", ["Pandas eat bamboo."]).scores, abs=1e-6)
+    assert server.work.report(0.0, server.engine.work.real_tokens, 0)["online_tokens"] == 0  # nothing left held
+
+
+def test_a_request_given_up_between_its_parts_runs_no_more_of_them(tiny_reranker_path):
+    server = bounded_server(tiny_reranker_path)
+
+    async def scenario():
+        heavy = asyncio.create_task(server.rerank("q", HEAVY))
+        while server._stats["engine_runs"] < 2:
+            assert not heavy.done(), "the heavy request ran in fewer than 3 runs"
+            await asyncio.sleep(0.001)
+        heavy.cancel()  # what Serve does when the caller is gone
+        at_cancel = server._stats["engine_runs"]
+        await asyncio.sleep(0.5)  # the other parts would have run by now
+        return at_cancel
+
+    at_cancel = asyncio.run(scenario())
+    assert server._stats["engine_runs"] <= at_cancel + 1  # at most the part running then
+    assert server._stats["jobs"] == 0 and not server._engine_queue

@@ -1,7 +1,9 @@
 """A model replica: the Serve deployment that wraps one engine from models/, and what it needs to start.
 
     deployment.py    ModelServer: tokenize, token-budget `@serve.batch` micro-batching, the engine thread, stats
+    passes.py        bounded engine runs: what one run takes from the queue, a long request in parts
     autoscaling.py   the autoscaling signal (tokens held, tokens per second) and the queued-work policy Serve runs
+    routing.py       the queued-work request router (the replica holding the fewest tokens)
     loading.py       a ModelConfig into a loaded engine (device, threads, calibration) with start-up log lines
     weights.py       fetching weights (hub, cache, offline checkpoints) and `python -m serve_app.replica.weights`
     instructions.py  Qwen3-Embedding's query instructions by input type

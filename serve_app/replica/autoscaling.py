@@ -152,6 +152,12 @@ class WorkSignal:
         # The running pass: started at, the engine counter then, its jobs' keys, its work, background or not.
         self._run: tuple[float, int, frozenset, int, bool] | None = None
 
+    def tokens_per_s(self) -> float:
+        """Tokens per busy second over the replica's life (the estimate until it has measured MIN_MEASURED_S)."""
+        if self.total_seconds >= MIN_MEASURED_S:
+            return self.total_tokens / self.total_seconds
+        return self.estimate
+
     def hold(self, key: Any, work: int, background: bool) -> None:
         self.held[key] = (work, background)
 

@@ -9,8 +9,10 @@ One replica holds one engine. A request's path through it:
    straight to the engine queue and runs at once: waiting for company would only add latency. One that arrives
    while the engine is busy would wait anyway, so it enters `@serve.batch` (budget in tokens, `batch_size_fn`;
    requests arriving within max_wait_ms form one batch). A job larger than the whole budget skips it.
-3. Whenever the engine is free it takes everything in the engine queue (up to max_batch_tokens), so batches that
-   piled up while it was busy share one forward run.
+3. Whenever the engine is free it takes what is in the engine queue, up to one bounded run (about
+   `max_pass_seconds` of its measured throughput, at most max_batch_tokens; passes.py), so batches that piled up
+   while it was busy share one forward run, and a request larger than a run goes in parts (whole documents or
+   inputs) with the requests that arrive meanwhile in between, instead of holding them all until it ends.
 4. The engine runs on one engine thread (off the event loop, one run at a time), cutting the work into
    micro-batches by its own padded-token budget; results come back per job, in order.
 
@@ -39,7 +41,6 @@ import functools
 import logging
 import math
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -53,6 +54,7 @@ from serve_app.metrics import ModelMetrics
 from serve_app.replica.autoscaling import (BACKGROUND_TOKENS, ONLINE_TOKENS, WorkSignal, embed_size,
                                            estimated_tokens_per_s, estimated_work, job_work, rerank_size)
 from serve_app.replica.loading import load_calibration, load_engine
+from serve_app.replica.passes import PassPlanner, Pending, pass_bound
 
 logger = logging.getLogger("ray.serve")
 MAX_BATCHES_IN_FLIGHT = 64
@@ -74,6 +76,18 @@ class _TokenBudgetWarningFilter(logging.Filter):
 
 
 logging.getLogger("ray.serve").addFilter(_TokenBudgetWarningFilter())
+
+
+def _cut_units(pending: Pending, room: int) -> int:
+    """PassPlanner's cut for a job running in parts: its next whole units (a rerank's documents, an embedding's
+    inputs: `job.token_counts`) that fit in `room` tokens, at least one; records where they end."""
+    counts = pending.item[0].token_counts
+    end, tokens = pending.done + 1, counts[pending.done]
+    while end < len(counts) and tokens + counts[end] <= room:
+        tokens += counts[end]
+        end += 1
+    pending.upto = end
+    return tokens
 
 
 def job_tokens(jobs: list) -> int:
@@ -104,9 +118,10 @@ class ModelServer:
         self._busy = 0
         self._held = 0  # online requests inside this replica (tokenizing, queued or running)
         self._running = 0  # of those, the ones in the forward pass now running
-        # Jobs waiting for the engine thread, drained by _engine_loop.
-        self._engine_queue: deque = deque()
-        self._background_queue: deque = deque()  # background jobs: run only while _engine_queue is empty
+        # Jobs waiting for the engine thread, drained by _engine_loop in bounded runs (passes.py); each entry's item
+        # is (job, future, enqueued_at).
+        self._engine_queue = PassPlanner()
+        self._background_queue = PassPlanner()  # background jobs: run only while _engine_queue is empty
         self._online_seen_at = 0.0  # monotonic time an online request last entered or left this replica
         self._engine_wakeup = asyncio.Event()
         self._engine_task: asyncio.Task | None = None
@@ -373,14 +388,19 @@ class ModelServer:
         futures = [loop.create_future() for _ in jobs]
         enqueued_at = time.monotonic()
         queue = self._background_queue if background else self._engine_queue
-        queue.extend((job, future, enqueued_at) for job, future in zip(jobs, futures))
+        bound = self._pass_bound()
+        for job, future in zip(jobs, futures):
+            # A job the engine cannot run in parts (none today) is always taken whole.
+            queue.add(Pending((job, future, enqueued_at), job_tokens([job])), bound if hasattr(job, "part") else None)
         self._engine_wakeup.set()
         if self._engine_task is None or self._engine_task.done():
             self._engine_task = loop.create_task(self._engine_loop())
         return list(await asyncio.gather(*futures))
 
     async def _engine_loop(self) -> None:
-        """Whenever the engine is free, run everything that queued up meanwhile (up to max_batch_tokens).
+        """Whenever the engine is free, run what queued up meanwhile, up to one bounded run (passes.py: about
+        max_pass_seconds of this replica's throughput, at most max_batch_tokens; a larger request runs in parts,
+        with the requests that arrive meanwhile in between).
 
         Serve forms its batches as requests arrive, not when the engine frees up (ray/serve/batching.py), so
         under load it hands over many small batches; merging them here keeps forward passes full (measured:
@@ -399,42 +419,59 @@ class ModelServer:
                             await asyncio.wait_for(self._engine_wakeup.wait(), pause)
                         continue
                 queue = self._engine_queue or self._background_queue
-                taken, waits, tokens = [], [], 0
-                while queue:
-                    job, future, enqueued_at = queue[0]
-                    size = job_tokens([job])
-                    if taken and tokens + size > self._batching.max_batch_tokens:
-                        break
-                    queue.popleft()
-                    if not future.done():  # a cancelled request (client gone) costs no forward pass
-                        taken.append((job, future))
-                        waits.append(time.monotonic() - enqueued_at)
-                        tokens += size
+                background = queue is self._background_queue
+                queue.drop(lambda pending: pending.item[1].done())  # a client gone costs no (further) forward pass
+                taken = queue.next_run(self._pass_bound(), _cut_units, self._batching.max_batch_tokens)
                 if not taken:
                     continue
+                now = time.monotonic()
+                # What the engine runs: a job taken whole, or the part `_cut_units` chose of one running in parts.
+                jobs = [pending.item[0] if not pending.done and not pending.left else
+                        pending.item[0].part(pending.done, pending.upto) for pending, _ in taken]
+                waits = [now - pending.item[2] for pending, _ in taken if not pending.done]  # first runs only
                 self._busy += 1
                 self._running = len(taken)
                 counter_before = self.engine.work.real_tokens  # the engine thread is idle here
-                self.work.run_started(time.monotonic(), counter_before, [id(job) for job, _ in taken],
-                                      queue is self._background_queue)
-                started = time.monotonic()
+                self.work.run_started(now, counter_before, [id(pending.item[0]) for pending, _ in taken], background)
                 try:
-                    results = await loop.run_in_executor(self._engine_thread, self._run_measured,
-                                                         [job for job, _ in taken], waits)
+                    results = await loop.run_in_executor(self._engine_thread, self._run_measured, jobs, waits)
+                except asyncio.CancelledError:  # the loop itself is stopped (its event loop closing): end with it
+                    for pending, _ in taken:
+                        if not pending.item[1].done():
+                            pending.item[1].set_result(InternalError("the model replica is stopping"))
+                    raise
                 except BaseException as exc:  # noqa: BLE001 - never leave a caller waiting
                     results = [InternalError(f"engine loop failed: {exc!r}")] * len(taken)
                 finally:
                     self._busy -= 1
                     self._running = 0
                     self.work.run_ended(time.monotonic(), self.engine.work.real_tokens - counter_before,
-                                        time.monotonic() - started)
+                                        time.monotonic() - now)
                 self._stats["engine_runs"] += 1
-                self._stats["jobs"] += len(taken)
-                self._stats["tokens"] += tokens
+                self._stats["tokens"] += sum(share for _, share in taken)
                 self._stats["largest_run_jobs"] = max(self._stats["largest_run_jobs"], len(taken))
-                for (_, future), result in zip(taken, results):
-                    if not future.done():
-                        future.set_result(result)
+                for (pending, _), result in zip(taken, results):
+                    self._finish_part(pending, result, background)
+
+    def _pass_bound(self) -> int | None:
+        return pass_bound(self.work.tokens_per_s(), self._batching.max_pass_seconds, self._batching.max_batch_tokens)
+
+    def _finish_part(self, pending: Pending, result, background: bool) -> None:
+        """A run's result for one queued job: its answer, or one part of it (the job goes on, its rest still held
+        for autoscaling), or a failed part (the job fails; its other parts are dropped with it)."""
+        job, future, _ = pending.item
+        if future.done():
+            return
+        in_parts = pending.done or pending.left
+        if in_parts and not isinstance(result, Exception):
+            pending.parts.append(result)
+            pending.done = pending.upto
+            if pending.left:  # still held, in the signal's unit (job_work: a shared head once), pro rata
+                self.work.hold(id(job), job_work(job) * pending.left // job_tokens([job]), background)
+                return
+            result = type(result).joined(pending.parts)
+        self._stats["jobs"] += 1
+        future.set_result(result)
 
     def _background_pause(self) -> float:
         """Seconds background work must still wait: while online requests are inside this replica, and for
