@@ -12,9 +12,11 @@ A discrete-event simulation of one model deployment as this project runs it, wit
              `--routing-stats-s`, for the rest; the online caller and the batch runner are two callers; the
              simulation counts each job's true tokens where the router estimates them from the text), up to
              max_ongoing_requests per replica; past that a request waits at the caller.
-  replica    the ModelServer engine loop: whenever the engine is free it takes every online job queued (up to
-             max_batch_tokens), or, when no online job is inside and none has been for background_grace_ms, the
-             background jobs queued. A run takes the engine's fixed cost per pass plus its tokens / the replica's
+  replica    the ModelServer engine loop: whenever the engine is free it takes one bounded run of the online jobs
+             queued (serve_app/replica/passes.py, the replica's code: about `--max-pass-s` of its measured
+             throughput, a larger job in parts with newcomers in between; the simulation cuts at any token, the
+             replica at a document), or, when no online job is inside and none has been for background_grace_ms,
+             of the background jobs queued. A run takes the engine's fixed cost per pass plus its tokens / the replica's
              tokens per second (the engine's measured figures, below). New replicas serve after `--startup-s`; a
              stopped replica takes no new requests and finishes what it holds.
   signals    every replica keeps serve_app.replica.autoscaling.WorkSignal (the code the replicas run) and its
@@ -66,6 +68,7 @@ from ray.serve.config import AutoscalingConfig as ServeAutoscalingConfig  # noqa
 from ray.serve.config import AutoscalingContext  # noqa: E402
 
 from serve_app.config import AutoscalingConfig, BatchingConfig  # noqa: E402
+from serve_app.replica.passes import Pending, PassPlanner, pass_bound  # noqa: E402
 from serve_app.replica.autoscaling import (BACKGROUND_TOKENS, ONLINE_REQUESTS, ONLINE_TOKENS,  # noqa: E402
                                            ONLINE_TOKENS_PER_S, TOKENS_PER_S, WorkSignal, estimated_tokens_per_s)
 
@@ -127,9 +130,9 @@ class Replica:
     next_push: float  # when it next pushes its recorded points to the controller
     stopping: bool = False
     stopped: float | None = None
-    online: deque = field(default_factory=deque)
-    background: deque = field(default_factory=deque)
-    running: list | None = None
+    online: PassPlanner = field(default_factory=PassPlanner)
+    background: PassPlanner = field(default_factory=PassPlanner)
+    running: list | None = None  # [(Pending of a Job, tokens this run computes of it)]
     run_background: bool = False
     run_started: float = 0.0
     run_ends: float = 0.0
@@ -145,7 +148,7 @@ class Replica:
         if self.running is None:
             return int(self.counter)
         progress = max(0.0, now - self.run_started - pass_s) * rate  # the pass's fixed cost comes first
-        return int(self.counter + min(sum(j.tokens for j in self.running), progress))
+        return int(self.counter + min(sum(share for _, share in self.running), progress))
 
 
 def make_trace(hours: float, seed: int, batch_lines: int, batch_start_s: float,
@@ -249,12 +252,16 @@ class Simulation:
         self.drain_waiting(t)
 
     def on_run_end(self, t: float, replica: Replica) -> None:
-        jobs, background = replica.running, replica.run_background
-        tokens = sum(job.tokens for job in jobs)
+        run, background = replica.running, replica.run_background
+        tokens = sum(share for _, share in run)
         replica.counter += tokens
         replica.signal.run_ended(t, tokens, t - replica.run_started)
         replica.running = None
-        for job in jobs:
+        for pending, _ in run:
+            job = pending.item
+            if pending.left > 0:  # runs in parts: the rest is still held, and queued
+                replica.signal.hold(id(job), pending.left, job.background)
+                continue
             replica.signal.release(id(job))
             replica.ongoing -= 1
             if job.replica >= 0:
@@ -386,15 +393,15 @@ class Simulation:
         replica.ongoing += 1
         if job.started is None and not job.behind:
             job.behind = ("idle" if replica.running is None else "background pass" if replica.run_background
-                          else "1,000-document rerank" if any(j.kind == "rerank-1000" for j in replica.running)
+                          else "1,000-document rerank" if any(p.item.kind == "rerank-1000" for p, _ in replica.running)
                           else "online pass") + (" (after waiting at the caller)" if t > job.arrived else "")
         replica.signal.hold(id(job), job.tokens, job.background)
         if job.background:
-            replica.background.append(job)
+            replica.background.add(Pending(job, job.tokens), self.bound(replica))
         else:
             replica.online_inside += 1
             replica.online_seen = t
-            replica.online.append(job)
+            replica.online.add(Pending(job, job.tokens), self.bound(replica))
         self.start_run(t, replica)
         return True
 
@@ -415,15 +422,20 @@ class Simulation:
             queue, background = replica.background, True
         else:
             return
-        taken, tokens = [], 0
-        while queue and (not taken or tokens + queue[0].tokens <= self.batching.max_batch_tokens):
-            job = queue.popleft()
-            job.started = t
-            taken.append(job)
-            tokens += job.tokens
+        # The sim cuts a request at any token (the replica: at its documents or inputs).
+        taken = queue.next_run(self.bound(replica), lambda pending, room: room, self.batching.max_batch_tokens)
+        for pending, _ in taken:
+            if pending.item.started is None:
+                pending.item.started = t
+        tokens = sum(share for _, share in taken)
         replica.running, replica.run_background, replica.run_started = taken, background, t
-        replica.signal.run_started(t, int(replica.counter), [id(job) for job in taken], background)
+        replica.signal.run_started(t, int(replica.counter), [id(p.item) for p, _ in taken], background)
         self.push(t + self.pass_s + tokens / self.rate, "run_end", replica)
+
+    def bound(self, replica: Replica) -> int | None:
+        """Tokens one run may take (serve_app/replica/passes.py), at the throughput the replica has measured."""
+        max_pass_s = self.args.max_pass_s if self.args.max_pass_s and self.args.max_pass_s > 0 else None
+        return pass_bound(replica.signal.tokens_per_s(), max_pass_s, self.batching.max_batch_tokens)
 
     # ---- results ------------------------------------------------------------------------------------------
 
@@ -489,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-start-s", type=float, default=600.0)
     parser.add_argument("--batch-in-flight", type=int, default=16, help="batches.max_in_flight_per_model")
     parser.add_argument("--background-grace-ms", type=float, default=100.0)
+    parser.add_argument("--max-pass-s", type=float, default=BatchingConfig().max_pass_seconds,
+                        help="batching.max_pass_seconds: runs bounded to this much engine time (<= 0: unbounded)")
     parser.add_argument("--slow-s", type=float, default=5.0, help="waits past this are broken down by cause")
     parser.add_argument("--routers", nargs="+", default=["power_of_two", "queued_work"],
                         choices=["power_of_two", "queued_work"], help="routers to run the queued-work policy with")
