@@ -150,6 +150,16 @@ def test_requests_that_arrive_while_the_engine_is_busy_gather_for_its_next_pass(
         assert answer["scores"] == pytest.approx(server.engine.rerank("q", documents).scores, abs=1e-6)
 
 
+def in_finishing_order(finished: list[str]):
+    """`tracked(name, request)`: awaits the request and appends its name to `finished` when it ends."""
+    async def tracked(name, request):
+        result = await request
+        finished.append(name)
+        return result
+
+    return tracked
+
+
 def test_background_jobs_yield_to_online_ones_and_never_count_against_admission(tiny_reranker_path):
     server = ModelServer.func_or_class({"name": "r", "task": "rerank", "source": str(tiny_reranker_path),
                                         "device": "cpu"})
@@ -157,11 +167,7 @@ def test_background_jobs_yield_to_online_ones_and_never_count_against_admission(
     server.reconfigure({"max_waiting_requests": 1, "max_batch_tokens": 256})
     heavy = ["a long document about pandas and bamboo " * 40] * 300
     finished: list[str] = []
-
-    async def tracked(name, request):
-        result = await request
-        finished.append(name)
-        return result
+    tracked = in_finishing_order(finished)
 
     async def scenario():
         running = asyncio.create_task(tracked("heavy", server.rerank("q", heavy)))
@@ -203,11 +209,7 @@ HEAVY = ["a long document about pandas and bamboo " * 40] * 300  # about 90,000 
 def test_a_long_request_runs_in_bounded_parts_and_a_short_one_ends_in_between(tiny_reranker_path):
     server = bounded_server(tiny_reranker_path)
     finished: list[str] = []
-
-    async def tracked(name, request):
-        result = await request
-        finished.append(name)
-        return result
+    tracked = in_finishing_order(finished)
 
     async def scenario():
         heavy = asyncio.create_task(tracked("heavy", server.rerank("q", HEAVY)))
