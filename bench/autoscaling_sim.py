@@ -82,6 +82,7 @@ class Engine:
     pass_s: float
     estimate: float
     note: str
+    token_budget: int  # the engine's micro-batch budget on that device (models/base.py): the least a bounded run takes
 
 
 # Measured engine figures (BENCHMARKS.md). CPU: "Engines vs the model cards' code", the shape-true 0.6B reranker on
@@ -91,12 +92,14 @@ class Engine:
 # what is left of rerank 64 x 8 (93,968 tokens in 7 passes: 0.4814 s and 2.4330 s) once 7 fixed costs are taken out.
 ENGINES = {
     "cpu-0.6b": Engine(14873 / 79.12, 0.0, estimated_tokens_per_s("cpu", 596_049_920, 151_669 * 1024, 2),
-                       "shape-true 0.6B reranker, 2-core CPU, fp32"),
+                       "shape-true 0.6B reranker, 2-core CPU, fp32", 1024),
     "h200-0.6b": Engine(93968 / (0.4814 - 7 * 0.0194), 0.0194,
-                        estimated_tokens_per_s("cuda", 596_049_920, 151_669 * 1024, 1), "Qwen3-0.6B shape, H200, bf16"),
+                        estimated_tokens_per_s("cuda", 596_049_920, 151_669 * 1024, 1), "Qwen3-0.6B shape, H200, bf16",
+                        32768),
     # Qwen3-8B: 8.2B parameters, 6.95B of them outside the embedding (the model card).
     "h200-8b": Engine(93968 / (2.4330 - 7 * 0.0391), 0.0391,
-                      estimated_tokens_per_s("cuda", 8_200_000_000, 1_250_000_000, 1), "Qwen3-8B shape, H200, bf16"),
+                      estimated_tokens_per_s("cuda", 8_200_000_000, 1_250_000_000, 1), "Qwen3-8B shape, H200, bf16",
+                      32768),
 }
 CPU_ENGINE = ENGINES["cpu-0.6b"]
 HEAD, DOC = 60, 50  # tokens of a rerank's head (prefix, instruction, query) and of one short passage
@@ -435,7 +438,8 @@ class Simulation:
     def bound(self, replica: Replica) -> int | None:
         """Tokens one run may take (serve_app/replica/passes.py), at the throughput the replica has measured."""
         max_pass_s = self.args.max_pass_s if self.args.max_pass_s and self.args.max_pass_s > 0 else None
-        return pass_bound(replica.signal.tokens_per_s(), max_pass_s, self.batching.max_batch_tokens)
+        return pass_bound(replica.signal.tokens_per_s(), max_pass_s, self.batching.max_batch_tokens,
+                          self.args.token_budget)
 
     # ---- results ------------------------------------------------------------------------------------------
 
@@ -517,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     args.tokens_per_s = args.tokens_per_s or engine.tokens_per_s
     args.pass_s = engine.pass_s if args.pass_s is None else args.pass_s
     args.estimate = engine.estimate
+    args.token_budget = engine.token_budget
     args.rate_scale = args.rate_scale or round(engine.tokens_per_s / CPU_ENGINE.tokens_per_s)
     if args.batch_lines is None:
         args.batch_lines = round(1500 * args.rate_scale)

@@ -62,6 +62,13 @@ class EmbedJob:
     def num_tokens(self) -> int:
         return sum(self.token_counts)
 
+    @property
+    def unit_work(self) -> list[int]:
+        """Tokens the engine computes for each input (nothing is shared between inputs: `shared_work` is 0)."""
+        return self.token_counts
+
+    shared_work = 0
+
     def part(self, start: int, end: int) -> EmbedJob:
         """Inputs start..end-1 as a job of their own: a long request runs in parts (each vector is its input's
         alone)."""

@@ -63,6 +63,20 @@ class RerankJob:
     def num_tokens(self) -> int:
         return sum(self.token_counts)
 
+    @property
+    def unit_work(self) -> list[int]:
+        """Tokens the engine computes for each document (its windows), the query head apart (`shared_work`): it
+        runs once per run, for all the documents of the job in that run."""
+        counts, start = [], 0
+        for windows in self.windows:
+            counts.append(sum(len(tail) for tail in self.tail_ids[start:start + windows]))
+            start += windows
+        return counts
+
+    @property
+    def shared_work(self) -> int:
+        return len(self.head_ids)
+
     def part(self, start: int, end: int) -> RerankJob:
         """Documents start..end-1 as a job of their own (the same head): a long request runs in parts, and each
         document's score does not depend on the others, so the parts' results joined are the whole's."""

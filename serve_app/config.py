@@ -84,10 +84,11 @@ class BatchingConfig(Strict):
     # none has been for this long: the gap between one client's back-to-back requests is shorter, so a stream of
     # online requests never waits behind a background pass (only the first after a quiet spell may, for one pass).
     background_grace_ms: float = Field(default=100.0, ge=0, le=10_000)
-    # About how long one engine run may compute, at the replica's measured tokens per second: a request that arrives
-    # during a run waits for all of it. A request larger than that runs in parts (whole documents or inputs), and
-    # requests that arrive meanwhile are taken in between (serve_app/replica/passes.py). None: unbounded (a request
-    # is one run, however long; runs still stop at max_batch_tokens).
+    # About how long one engine run may compute, at the replica's measured tokens per second (never less than the
+    # engine's token_budget): a request that arrives during a run waits for all of it. A request larger than that
+    # runs in parts (whole documents or inputs), and requests that arrive meanwhile are taken in between
+    # (serve_app/replica/passes.py). None: unbounded (a request is one run, however long; runs still stop at
+    # max_batch_tokens).
     max_pass_seconds: float | None = Field(default=0.25, gt=0)
 
 

@@ -7,7 +7,8 @@ import pytest
 from models import Qwen3Embedder, Qwen3Reranker
 from models.embedder import EmbedResult
 from models.reranker import RerankResult
-from serve_app.replica.passes import MIN_PASS_TOKENS, PassPlanner, Pending, pass_bound
+from serve_app.replica.autoscaling import job_work
+from serve_app.replica.passes import PassPlanner, Pending, pass_bound
 from tests.helpers import engine_variant
 from tests.texts import DOCUMENTS, QUERIES
 
@@ -21,10 +22,14 @@ def run(planner: PassPlanner, bound: int | None, max_tokens: int = 10**9) -> lis
 
 
 def test_the_bound_is_the_time_at_the_measured_rate_within_limits():
-    assert pass_bound(40_000, 0.25, 65_536) == 10_000
-    assert pass_bound(188, 0.25, 65_536) == MIN_PASS_TOKENS  # a slow engine still takes a useful run
-    assert pass_bound(10**7, 0.25, 65_536) == 65_536
-    assert pass_bound(40_000, None, 65_536) is None
+    assert pass_bound(40_000, 0.25, 65_536, 1024) == 10_000
+    # Never below the engine's micro-batch budget: on the 2-core CPU, runs bounded at a quarter second (about 400
+    # tokens) made a long rerank 2.4x slower, at the 1,024-token budget 1.11x (bench/pass_bench.py).
+    assert pass_bound(188, 0.25, 65_536, 1024) == 1024
+    assert pass_bound(40_000, 0.25, 65_536, 32_768) == 32_768
+    assert pass_bound(10**7, 0.25, 65_536, 1024) == 65_536
+    assert pass_bound(40_000, 0.25, 8_192, 32_768) == 8_192  # max_batch_tokens bounds it all
+    assert pass_bound(40_000, None, 65_536, 1024) is None
 
 
 def test_whole_requests_gather_oldest_first_up_to_the_bound_and_at_least_one():
@@ -79,6 +84,8 @@ def test_a_rerank_run_in_parts_is_the_rerank_run_whole(tiny_reranker_path):
     long = " ".join(f"Sentence {i} about pandas and bamboo in the mountains." for i in range(40))
     job = engine.tokenize(QUERIES[0], [*DOCUMENTS[:3], long, *DOCUMENTS[3:6]], max_chunks_per_doc=8)
     assert len(job.tail_ids) > len(job.token_counts)  # the long document has several windows
+    # Parts are sized in the engine's work, which runs to nothing once every unit is taken.
+    assert job.shared_work + sum(job.unit_work) == job_work(job) and len(job.unit_work) == len(job.token_counts)
     whole = engine.run([job])[0]
     for size in (1, 2, 3):
         joined = RerankResult.joined(run_in_parts(engine, job, size))
@@ -90,6 +97,7 @@ def test_a_rerank_run_in_parts_is_the_rerank_run_whole(tiny_reranker_path):
 def test_embeddings_run_in_parts_are_the_embeddings_run_whole(tiny_embedder_path):
     engine = Qwen3Embedder.from_pretrained(str(tiny_embedder_path), device="cpu")
     job = engine.tokenize([*DOCUMENTS[:5], "short"], dimensions=40)
+    assert job.shared_work + sum(job.unit_work) == job_work(job)
     whole = engine.run([job])[0]
     joined = EmbedResult.joined(run_in_parts(engine, job, 2))
     assert joined.token_counts == whole.token_counts and joined.embeddings.shape == whole.embeddings.shape

@@ -80,14 +80,17 @@ logging.getLogger("ray.serve").addFilter(_TokenBudgetWarningFilter())
 
 def _cut_units(pending: Pending, room: int) -> int:
     """PassPlanner's cut for a job running in parts: its next whole units (a rerank's documents, an embedding's
-    inputs: `job.token_counts`) that fit in `room` tokens, at least one; records where they end."""
-    counts = pending.item[0].token_counts
-    end, tokens = pending.done + 1, counts[pending.done]
-    while end < len(counts) and tokens + counts[end] <= room:
-        tokens += counts[end]
+    inputs) whose work (`job.unit_work`) fits in `room` tokens beside the work every part repeats (`shared_work`:
+    a rerank's query head), at least one; records where they end. Returns the work taken from the job's `left`
+    (job_work: the shared work counts once, with the first part), so the last part leaves exactly nothing."""
+    job = pending.item[0]
+    units, shared = job.unit_work, job.shared_work
+    end, tokens = pending.done + 1, units[pending.done]
+    while end < len(units) and shared + tokens + units[end] <= room:
+        tokens += units[end]
         end += 1
     pending.upto = end
-    return tokens
+    return tokens + (shared if pending.done == 0 else 0)
 
 
 def job_tokens(jobs: list) -> int:
@@ -391,7 +394,8 @@ class ModelServer:
         bound = self._pass_bound()
         for job, future in zip(jobs, futures):
             # A job the engine cannot run in parts (none today) is always taken whole.
-            queue.add(Pending((job, future, enqueued_at), job_tokens([job])), bound if hasattr(job, "part") else None)
+            # Sized in the engine's own work (job_work: a rerank's query head once), as the runs are bounded.
+            queue.add(Pending((job, future, enqueued_at), job_work(job)), bound if hasattr(job, "part") else None)
         self._engine_wakeup.set()
         if self._engine_task is None or self._engine_task.done():
             self._engine_task = loop.create_task(self._engine_loop())
@@ -454,7 +458,8 @@ class ModelServer:
                     self._finish_part(pending, result, background)
 
     def _pass_bound(self) -> int | None:
-        return pass_bound(self.work.tokens_per_s(), self._batching.max_pass_seconds, self._batching.max_batch_tokens)
+        return pass_bound(self.work.tokens_per_s(), self._batching.max_pass_seconds, self._batching.max_batch_tokens,
+                          self.engine.token_budget)
 
     def _finish_part(self, pending: Pending, result, background: bool) -> None:
         """A run's result for one queued job: its answer, or one part of it (the job goes on, its rest still held
@@ -466,8 +471,8 @@ class ModelServer:
         if in_parts and not isinstance(result, Exception):
             pending.parts.append(result)
             pending.done = pending.upto
-            if pending.left:  # still held, in the signal's unit (job_work: a shared head once), pro rata
-                self.work.hold(id(job), job_work(job) * pending.left // job_tokens([job]), background)
+            if pending.left:  # the rest is still held (for autoscaling and the router)
+                self.work.hold(id(job), pending.left, background)
                 return
             result = type(result).joined(pending.parts)
         self._stats["jobs"] += 1

@@ -3,9 +3,12 @@
 A run computes everything it took before anything else starts, so a request that arrives during a run waits for
 all of it. Unbounded, a 1,000-document rerank is one run of 50,000 tokens: 1.2 s on an H200 for the 8B, 266 s on
 the 2-core CPU, which every small request routed to that replica waits out (BENCHMARKS.md, "Autoscaling"). So each
-run is bounded to about `max_pass_seconds` of the replica's measured throughput (`pass_bound`), and a request larger
-than that runs in parts, whole units at a time (a rerank's documents, an embedding's inputs: models' `job.part`),
-with the requests that arrived meanwhile taken in between:
+run is bounded to about `max_pass_seconds` of the replica's measured throughput, but never below the engine's
+micro-batch budget, where parts would leave forward passes part-empty (`pass_bound`: on the 2-core CPU, runs of
+about 400 tokens made a long rerank 2.4x slower, runs of the 1,024-token budget 1.13x; bench/pass_bench.py). A
+request larger than that runs in parts, whole units at a time (a rerank's documents, an embedding's inputs:
+models' `job.part`), with the requests that arrived meanwhile taken in between. Sizes are the engine's work
+(job_work, `job.unit_work`): a rerank's query head counts once, though every part computes it again:
 
     a run = whole requests, oldest first, up to half the bound while a request runs in parts (at least one)
           + the next part of one request running in parts, filling the bound (at least half of it); the requests
@@ -13,8 +16,8 @@ with the requests that arrived meanwhile taken in between:
 
 So a request waits about one bound's run behind work already inside the replica (more only behind other requests
 in parts), requests in parts keep at least half of every run, and requests that fit take no more runs than
-before. Pure bookkeeping, in tokens, used
-by the replica (serve_app/replica/deployment.py) and by the autoscaling simulation (bench/autoscaling_sim.py).
+before. Pure bookkeeping, in tokens, used by the replica (serve_app/replica/deployment.py) and by the autoscaling
+simulation (bench/autoscaling_sim.py).
 """
 
 from __future__ import annotations
@@ -23,17 +26,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-# The least a bound is, whatever the throughput: below this a pass costs more in fixed overhead than it computes.
-MIN_PASS_TOKENS = 256
-
-
-def pass_bound(tokens_per_s: float, max_pass_seconds: float | None, max_batch_tokens: int) -> int | None:
-    """Tokens one engine run may take: max_pass_seconds of the replica's throughput, within
-    [MIN_PASS_TOKENS, max_batch_tokens]. None when max_pass_seconds is None: no request runs in parts (runs still
-    gather at most max_batch_tokens of whole requests)."""
+def pass_bound(tokens_per_s: float, max_pass_seconds: float | None, max_batch_tokens: int,
+               min_tokens: int) -> int | None:
+    """Tokens one engine run may take: max_pass_seconds of the replica's throughput, at least `min_tokens` (the
+    engine's micro-batch budget: a smaller run leaves its forward passes part-empty) and at most max_batch_tokens.
+    None when max_pass_seconds is None: no request runs in parts (runs still gather at most max_batch_tokens of
+    whole requests)."""
     if max_pass_seconds is None:
         return None
-    return max(MIN_PASS_TOKENS, min(max_batch_tokens, int(tokens_per_s * max_pass_seconds)))
+    return max(min(min_tokens, max_batch_tokens), min(max_batch_tokens, int(tokens_per_s * max_pass_seconds)))
 
 
 @dataclass(eq=False)
