@@ -263,7 +263,6 @@ class Simulation:
         for pending, _ in run:
             job = pending.item
             if pending.left > 0:  # runs in parts: the rest is still held, and queued
-                replica.signal.hold(id(job), pending.left, job.background)
                 continue
             replica.signal.release(id(job))
             replica.ongoing -= 1
@@ -432,7 +431,10 @@ class Simulation:
                 pending.item.started = t
         tokens = sum(share for _, share in taken)
         replica.running, replica.run_background, replica.run_started = taken, background, t
-        replica.signal.run_started(t, int(replica.counter), [id(p.item) for p, _ in taken], background)
+        # As the replica does: each job's rest stays held, and the run's work is what it computes.
+        for pending, _ in taken:
+            replica.signal.hold(id(pending.item), pending.left, pending.item.background)
+        replica.signal.run_started(t, int(replica.counter), [], background, work=tokens)
         self.push(t + self.pass_s + tokens / self.rate, "run_end", replica)
 
     def bound(self, replica: Replica) -> int | None:

@@ -209,6 +209,18 @@ def test_the_signal_counts_queued_and_running_tokens_apart_and_measures_throughp
     assert signal.report(103.0, 7900, 0)[ONLINE_TOKENS_PER_S] == 300 / 30
 
 
+def test_a_background_request_in_parts_counts_only_its_running_part_as_ahead_of_online_work():
+    # As the replica reports a run that computes part of a job: the job's rest stays held under its own kind, and
+    # the run's work is the part's.
+    signal = WorkSignal(window_s=30, estimated_tokens_per_s=1000)
+    signal.hold("bulk", 200_000 - 10_000, background=True)
+    signal.run_started(0.0, counter=0, keys=[], background=True, work=10_000)
+    signal.hold("online", 50, background=False)
+    report = signal.report(1.0, counter=2_000, online_requests=1)
+    # The online request waits behind the rest of the running part only; the bulk job's rest yields to it.
+    assert report[ONLINE_TOKENS] == 50 + 8_000 and report[BACKGROUND_TOKENS] == 190_000
+
+
 def test_the_replica_reports_its_signal(tiny_reranker_path):
     import threading
 

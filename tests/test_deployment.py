@@ -244,3 +244,31 @@ def test_a_request_given_up_between_its_parts_runs_no_more_of_them(tiny_reranker
     at_cancel = asyncio.run(scenario())
     assert server._stats["engine_runs"] <= at_cancel + 1  # at most the part running then
     assert server._stats["jobs"] == 0 and not server._engine_queue
+
+
+def test_a_request_that_will_run_in_parts_skips_the_gathered_batch(tiny_reranker_path):
+    """A gathered batch answers all its requests at once, so a request larger than a run must not join one: the
+    small requests gathered with it would wait for its last part."""
+    server = ModelServer.func_or_class({"name": "r", "task": "rerank", "source": str(tiny_reranker_path),
+                                        "device": "cpu"})
+    server.reconfigure({"max_pass_seconds": 0.001})  # runs of the engine's 1,024-token budget; batches up to 65,536
+    gathered = []
+
+    async def serve_batch_stand_in(job):
+        gathered.append(job)
+        return (await server._forward([job]))[0]
+
+    server._run_batch = serve_batch_stand_in
+    in_parts = ["a document about pandas and bamboo " * 10] * 40  # about 3,000 tokens: over a run, under a batch
+
+    async def scenario():
+        heavy = asyncio.create_task(server.rerank("q", HEAVY))
+        while not server._busy:
+            await asyncio.sleep(0.001)
+        small, parted = await asyncio.gather(server.rerank("q", ["Pandas eat bamboo."]), server.rerank("q", in_parts))
+        await heavy
+        return small, parted
+
+    small, parted = asyncio.run(scenario())
+    assert len(gathered) == 1 and len(gathered[0].tail_ids) == 1  # only the small one was gathered
+    assert server._stats["solo_jobs"] == 1 and len(parted["scores"]) == 40

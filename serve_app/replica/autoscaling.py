@@ -164,8 +164,11 @@ class WorkSignal:
     def release(self, key: Any) -> None:
         self.held.pop(key, None)
 
-    def run_started(self, now: float, counter: int, keys: list, background: bool) -> None:
-        work = sum(self.held[key][0] for key in keys if key in self.held)
+    def run_started(self, now: float, counter: int, keys: list, background: bool, work: int | None = None) -> None:
+        """A run of the jobs held under `keys` starts: their held work is the run's (`work`, when given, instead:
+        a run that computes part of a job, whose rest the caller keeps held under another key)."""
+        if work is None:
+            work = sum(self.held[key][0] for key in keys if key in self.held)
         self._run = (now, counter, frozenset(keys), work, background)
 
     def run_ended(self, now: float, tokens: int, seconds: float) -> None:

@@ -85,6 +85,9 @@ def _cut_units(pending: Pending, room: int) -> int:
     (job_work: the shared work counts once, with the first part), so the last part leaves exactly nothing."""
     job = pending.item[0]
     units, shared = job.unit_work, job.shared_work
+    if pending.done >= len(units):  # nothing left to cut (its work was counted otherwise): the rest goes with it
+        pending.upto = len(units)
+        return pending.left
     end, tokens = pending.done + 1, units[pending.done]
     while end < len(units) and shared + tokens + units[end] <= room:
         tokens += units[end]
@@ -366,8 +369,10 @@ class ModelServer:
         elif self._engine_idle():
             self._stats["immediate_jobs"] += 1
             result = (await self._forward([job]))[0]
-        elif job_tokens([job]) > self._batching.max_batch_tokens:
-            # Larger than a whole gathered batch: run alone rather than refuse (the queue would reject it).
+        elif job_tokens([job]) > self._batching.max_batch_tokens or self._runs_in_parts(job):
+            # Larger than a whole gathered batch: run alone rather than refuse (the queue would reject it). Larger
+            # than a run: alone too, or the requests gathered with it would get their answers only with its last
+            # part (a gathered batch answers all at once).
             self._stats["solo_jobs"] += 1
             result = (await self._forward([job]))[0]
         else:
@@ -429,14 +434,24 @@ class ModelServer:
                 if not taken:
                     continue
                 now = time.monotonic()
-                # What the engine runs: a job taken whole, or the part `_cut_units` chose of one running in parts.
-                jobs = [pending.item[0] if not pending.done and not pending.left else
-                        pending.item[0].part(pending.done, pending.upto) for pending, _ in taken]
+                try:
+                    # What the engine runs: a job taken whole, or the part `_cut_units` chose of one in parts.
+                    jobs = [pending.item[0] if not pending.done and not pending.left else
+                            pending.item[0].part(pending.done, pending.upto) for pending, _ in taken]
+                except Exception as exc:  # noqa: BLE001 - never leave a caller waiting
+                    logger.exception("%s: planning an engine run failed", self.config.name)
+                    for pending, _ in taken:
+                        self._finish_part(pending, InternalError(f"engine loop failed: {exc!r}"), background)
+                    continue
                 waits = [now - pending.item[2] for pending, _ in taken if not pending.done]  # first runs only
                 self._busy += 1
                 self._running = len(taken)
                 counter_before = self.engine.work.real_tokens  # the engine thread is idle here
-                self.work.run_started(now, counter_before, [id(pending.item[0]) for pending, _ in taken], background)
+                # The signal: what each job has left after this run stays held (its own kind); the run's work is
+                # what it computes, so only a running part, never a whole job's rest, counts as ahead of others.
+                for pending, _ in taken:
+                    self.work.hold(id(pending.item[0]), pending.left, background)
+                self.work.run_started(now, counter_before, [], background, work=sum(share for _, share in taken))
                 try:
                     results = await loop.run_in_executor(self._engine_thread, self._run_measured, jobs, waits)
                 except asyncio.CancelledError:  # the loop itself is stopped (its event loop closing): end with it
@@ -457,6 +472,10 @@ class ModelServer:
                 for (pending, _), result in zip(taken, results):
                     self._finish_part(pending, result, background)
 
+    def _runs_in_parts(self, job) -> bool:
+        bound = self._pass_bound()
+        return bound is not None and hasattr(job, "part") and job_work(job) > bound
+
     def _pass_bound(self) -> int | None:
         return pass_bound(self.work.tokens_per_s(), self._batching.max_pass_seconds, self._batching.max_batch_tokens,
                           self.engine.token_budget)
@@ -471,10 +490,13 @@ class ModelServer:
         if in_parts and not isinstance(result, Exception):
             pending.parts.append(result)
             pending.done = pending.upto
-            if pending.left:  # the rest is still held (for autoscaling and the router)
-                self.work.hold(id(job), pending.left, background)
+            if pending.left:  # the rest is still held (for autoscaling and the router), and queued
                 return
-            result = type(result).joined(pending.parts)
+            try:
+                result = type(result).joined(pending.parts)
+            except Exception as exc:  # noqa: BLE001 - never leave a caller waiting
+                logger.exception("%s: joining a request's parts failed", self.config.name)
+                result = InternalError(f"model {self.config.name!r} failed on this request: {exc}")
         self._stats["jobs"] += 1
         future.set_result(result)
 
