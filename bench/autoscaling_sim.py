@@ -66,23 +66,35 @@ from ray.serve._private.common import DeploymentID, ReplicaID, TimeStampedValue 
 from ray.serve._private.metrics_utils import time_weighted_average  # noqa: E402
 from ray.serve.config import AutoscalingConfig as ServeAutoscalingConfig  # noqa: E402
 from ray.serve.config import AutoscalingContext  # noqa: E402
+import torch  # noqa: E402
 
+from models.base import Runtime  # noqa: E402
 from serve_app.config import AutoscalingConfig, BatchingConfig  # noqa: E402
-from serve_app.replica.passes import Pending, PassPlanner, pass_bound  # noqa: E402
 from serve_app.replica.autoscaling import (BACKGROUND_TOKENS, ONLINE_REQUESTS, ONLINE_TOKENS,  # noqa: E402
                                            ONLINE_TOKENS_PER_S, TOKENS_PER_S, WorkSignal, estimated_tokens_per_s)
-
+from serve_app.replica.passes import Pending, PassPlanner, pass_bound  # noqa: E402
 
 
 @dataclass(frozen=True)
 class Engine:
-    """One replica's engine: a pass of T tokens takes pass_s + T / tokens_per_s. `estimate` is what the replica
-    reports before it has measured itself (serve_app.replica.autoscaling.estimated_tokens_per_s for its device)."""
+    """One replica's engine: a pass of T tokens takes pass_s + T / tokens_per_s. What the replica reports before it
+    has measured itself, and its micro-batch budget (the least a bounded run takes), are the project's own for
+    `device` and the model's parameters."""
     tokens_per_s: float
     pass_s: float
-    estimate: float
+    device: str
+    parameters: int
+    embedding_parameters: int
+    threads: int
     note: str
-    token_budget: int  # the engine's micro-batch budget on that device (models/base.py): the least a bounded run takes
+
+    @property
+    def estimate(self) -> float:
+        return estimated_tokens_per_s(self.device, self.parameters, self.embedding_parameters, self.threads)
+
+    @property
+    def token_budget(self) -> int:
+        return Runtime(torch.device(self.device), torch.float32, "sdpa", False).default_token_budget
 
 
 # Measured engine figures (BENCHMARKS.md). CPU: "Engines vs the model cards' code", the shape-true 0.6B reranker on
@@ -90,16 +102,15 @@ class Engine:
 # requests to 32-document batches, so no fixed cost per pass. H200 ("GPU", bf16, engine.run): one small request
 # alone is the fixed cost of a pass (one-document rerank: 19.4 ms for the 0.6B, 39.1 ms for the 8B), and the rate is
 # what is left of rerank 64 x 8 (93,968 tokens in 7 passes: 0.4814 s and 2.4330 s) once 7 fixed costs are taken out.
+# Qwen3-0.6B: 596,049,920 parameters, 151,669 x 1,024 in the embedding; Qwen3-8B: 8.2B, 6.95B of them outside the
+# embedding (the model card).
 ENGINES = {
-    "cpu-0.6b": Engine(14873 / 79.12, 0.0, estimated_tokens_per_s("cpu", 596_049_920, 151_669 * 1024, 2),
-                       "shape-true 0.6B reranker, 2-core CPU, fp32", 1024),
-    "h200-0.6b": Engine(93968 / (0.4814 - 7 * 0.0194), 0.0194,
-                        estimated_tokens_per_s("cuda", 596_049_920, 151_669 * 1024, 1), "Qwen3-0.6B shape, H200, bf16",
-                        32768),
-    # Qwen3-8B: 8.2B parameters, 6.95B of them outside the embedding (the model card).
-    "h200-8b": Engine(93968 / (2.4330 - 7 * 0.0391), 0.0391,
-                      estimated_tokens_per_s("cuda", 8_200_000_000, 1_250_000_000, 1), "Qwen3-8B shape, H200, bf16",
-                      32768),
+    "cpu-0.6b": Engine(14873 / 79.12, 0.0, "cpu", 596_049_920, 151_669 * 1024, 2,
+                       "shape-true 0.6B reranker, 2-core CPU, fp32"),
+    "h200-0.6b": Engine(93968 / (0.4814 - 7 * 0.0194), 0.0194, "cuda", 596_049_920, 151_669 * 1024, 1,
+                        "Qwen3-0.6B shape, H200, bf16"),
+    "h200-8b": Engine(93968 / (2.4330 - 7 * 0.0391), 0.0391, "cuda", 8_200_000_000, 1_250_000_000, 1,
+                      "Qwen3-8B shape, H200, bf16"),
 }
 CPU_ENGINE = ENGINES["cpu-0.6b"]
 HEAD, DOC = 60, 50  # tokens of a rerank's head (prefix, instruction, query) and of one short passage
@@ -434,7 +445,7 @@ class Simulation:
         # As the replica does: each job's rest stays held, and the run's work is what it computes.
         for pending, _ in taken:
             replica.signal.hold(id(pending.item), pending.left, pending.item.background)
-        replica.signal.run_started(t, int(replica.counter), [], background, work=tokens)
+        replica.signal.run_started(t, int(replica.counter), tokens, background)
         self.push(t + self.pass_s + tokens / self.rate, "run_end", replica)
 
     def bound(self, replica: Replica) -> int | None:

@@ -79,7 +79,8 @@ class RerankJob:
 
     def part(self, start: int, end: int) -> RerankJob:
         """Documents start..end-1 as a job of their own (the same head): a long request runs in parts, and each
-        document's score does not depend on the others, so the parts' results joined are the whole's."""
+        document's score does not depend on the others, so the parts' results joined are the whole's (to rounding: a
+        micro-batch of other rows, or a one-document part run without the shared head, rounds differently)."""
         first = sum(self.windows[:start])
         last = first + sum(self.windows[start:end])
         counts = None if self.window_counts is None else self.window_counts[start:end]

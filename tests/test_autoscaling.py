@@ -73,7 +73,7 @@ def held(online: list[int] = (), background: list[int] = (), arriving: float = 0
     """What a replica reports (its own WorkSignal) holding these jobs, after a second of measured work, while
     computing `arriving` online tokens per second (the signal's own count of that is tested on its own)."""
     signal = WorkSignal(window_s=30, estimated_tokens_per_s=1)
-    signal.run_started(0.0, 0, [], background=False)
+    signal.run_started(0.0, 0, int(MEASURED_RATE), background=False)
     signal.run_ended(1.0, int(MEASURED_RATE), 1.0)
     for key, work in enumerate(online):
         signal.hold(("online", key), work, background=False)
@@ -181,7 +181,8 @@ def test_the_signal_counts_queued_and_running_tokens_apart_and_measures_throughp
     signal.hold("a", 500, background=False)
     signal.hold("b", 300, background=False)
     signal.hold("c", 7000, background=True)
-    signal.run_started(1.0, counter=100, keys=["a"], background=False)
+    signal.hold("a", 0, background=False)  # as the replica does: a job run whole leaves nothing held
+    signal.run_started(1.0, counter=100, work=500, background=False)
     # 2 s into the run the engine has computed 200 of its 500 tokens (100 tokens/s).
     report = signal.report(3.0, counter=300, online_requests=2)
     assert report[ONLINE_TOKENS] == 300 + 300
@@ -194,7 +195,8 @@ def test_the_signal_counts_queued_and_running_tokens_apart_and_measures_throughp
     assert signal.report(100.0, 600, 1)[TOKENS_PER_S] == pytest.approx(500 / 3)
     # The 300 online tokens wait behind the background pass, 1,000 of its 7,000 tokens computed: the other 6,000
     # are ahead of the online work, so they count as online.
-    signal.run_started(100.0, counter=600, keys=["c"], background=True)
+    signal.hold("c", 0, background=True)
+    signal.run_started(100.0, counter=600, work=7000, background=True)
     report = signal.report(101.0, counter=1600, online_requests=1)
     assert report[ONLINE_TOKENS] == 300 + 6000 and report[BACKGROUND_TOKENS] == 0
     signal.release("b")
@@ -203,8 +205,8 @@ def test_the_signal_counts_queued_and_running_tokens_apart_and_measures_throughp
     # Online work arriving: the online run ended at 4 s, out of the window now; the background pass is not online.
     assert report[ONLINE_TOKENS_PER_S] == 0
     signal.run_ended(102.0, tokens=7000, seconds=2.0)
-    signal.hold("d", 300, background=False)
-    signal.run_started(102.0, counter=7600, keys=["d"], background=False)
+    signal.hold("d", 0, background=False)
+    signal.run_started(102.0, counter=7600, work=300, background=False)
     signal.run_ended(103.0, tokens=300, seconds=1.0)
     assert signal.report(103.0, 7900, 0)[ONLINE_TOKENS_PER_S] == 300 / 30
 
@@ -214,7 +216,7 @@ def test_a_background_request_in_parts_counts_only_its_running_part_as_ahead_of_
     # the run's work is the part's.
     signal = WorkSignal(window_s=30, estimated_tokens_per_s=1000)
     signal.hold("bulk", 200_000 - 10_000, background=True)
-    signal.run_started(0.0, counter=0, keys=[], background=True, work=10_000)
+    signal.run_started(0.0, counter=0, work=10_000, background=True)
     signal.hold("online", 50, background=False)
     report = signal.report(1.0, counter=2_000, online_requests=1)
     # The online request waits behind the rest of the running part only; the bulk job's rest yields to it.

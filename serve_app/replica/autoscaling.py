@@ -20,7 +20,9 @@ look-back window by the deployment's aggregation function (time-weighted mean), 
                        whole life when it was idle for all of it); the per-device estimate until it has run for
                        MIN_MEASURED_S
     online_tokens_per_s  online tokens the engine computed per second of the look-back window: the online work
-                       arriving at this replica, which it must keep up with while it drains what it holds
+                       arriving at this replica, which it must keep up with while it drains what it holds (computed,
+                       not arrived: while a replica drains a backlog it counts the backlog too, so a drain gets
+                       more replicas, not fewer)
     measured           1 when tokens_per_s is measured, 0 while it is the estimate
 
 A token here is a token the engine computes: a rerank request's query head once plus every document window, an
@@ -138,8 +140,9 @@ class WorkSignal:
     """One replica's autoscaling signal. Called on the replica's event loop only; the engine thread's progress is
     read through the counter passed in (the engine's cumulative real tokens), so nothing here is shared with it.
 
-    Jobs are held by a key (the replica uses id(job)) from when they are tokenized until their result is back; a
-    run is the jobs one engine.run computes."""
+    Jobs are held by a key (the replica uses id(job)) from when they are tokenized until their result is back, for
+    the work they have left: when a run starts, the caller holds each of its jobs for what the run leaves of it (0
+    for a job run whole, the rest for a job run in parts) and announces the run with the work it computes."""
 
     def __init__(self, window_s: float, estimated_tokens_per_s: float):
         self.window_s = window_s
@@ -149,8 +152,8 @@ class WorkSignal:
         self.total_seconds = 0.0
         # (ended at, tokens, seconds, background) of the runs that ended within the window
         self._runs: deque[tuple[float, int, float, bool]] = deque()
-        # The running pass: started at, the engine counter then, its jobs' keys, its work, background or not.
-        self._run: tuple[float, int, frozenset, int, bool] | None = None
+        # The running pass: started at, the engine counter then, its work, background or not.
+        self._run: tuple[float, int, int, bool] | None = None
 
     def tokens_per_s(self) -> float:
         """Tokens per busy second over the replica's life (the estimate until it has measured MIN_MEASURED_S)."""
@@ -164,15 +167,12 @@ class WorkSignal:
     def release(self, key: Any) -> None:
         self.held.pop(key, None)
 
-    def run_started(self, now: float, counter: int, keys: list, background: bool, work: int | None = None) -> None:
-        """A run of the jobs held under `keys` starts: their held work is the run's (`work`, when given, instead:
-        a run that computes part of a job, whose rest the caller keeps held under another key)."""
-        if work is None:
-            work = sum(self.held[key][0] for key in keys if key in self.held)
-        self._run = (now, counter, frozenset(keys), work, background)
+    def run_started(self, now: float, counter: int, work: int, background: bool) -> None:
+        """A run that computes `work` tokens starts (what its jobs have left after it, the caller holds)."""
+        self._run = (now, counter, work, background)
 
     def run_ended(self, now: float, tokens: int, seconds: float) -> None:
-        background = self._run is not None and self._run[4]
+        background = self._run is not None and self._run[3]
         self._run = None
         self.total_tokens += tokens
         self.total_seconds += seconds
@@ -185,10 +185,9 @@ class WorkSignal:
         tokens = sum(run[1] for run in self._runs)
         seconds = sum(run[2] for run in self._runs)
         online_computed = sum(run[1] for run in self._runs if not run[3])
-        in_run: frozenset = frozenset()
         remaining, run_background = 0, False
-        if self._run is not None:  # the running pass: what it has computed so far is no longer held
-            started, at_start, in_run, work, run_background = self._run
+        if self._run is not None:  # the running pass: what it still has to compute
+            started, at_start, work, run_background = self._run
             done = max(0, counter - at_start)
             remaining = max(0, work - done)
             tokens += done
@@ -197,17 +196,15 @@ class WorkSignal:
                 online_computed += done
         if seconds >= MIN_MEASURED_S:
             rate, measured = tokens / seconds, 1
-        elif self.total_seconds >= MIN_MEASURED_S:
-            rate, measured = self.total_tokens / self.total_seconds, 1
-        else:
-            rate, measured = self.estimate, 0
-        online = [work for key, (work, background) in self.held.items() if not background and key not in in_run]
-        background = sum(work for key, (work, bg) in self.held.items() if bg and key not in in_run)
+        else:  # the replica's whole life, or the estimate
+            rate, measured = self.tokens_per_s(), int(self.total_seconds >= MIN_MEASURED_S)
+        online = sum(work for work, background in self.held.values() if not background)
+        background = sum(work for work, bg in self.held.values() if bg)
         if run_background and not online:
             background += remaining
-        elif remaining:  # an online pass, or a background pass online work waits behind: it is ahead of that work
-            online.append(remaining)
-        return {ONLINE_TOKENS: float(sum(online)), ONLINE_REQUESTS: float(online_requests),
+        else:  # an online pass, or a background pass online work waits behind: it is ahead of that work
+            online += remaining
+        return {ONLINE_TOKENS: float(online), ONLINE_REQUESTS: float(online_requests),
                 BACKGROUND_TOKENS: float(background), TOKENS_PER_S: float(rate), MEASURED: float(measured),
                 ONLINE_TOKENS_PER_S: online_computed / self.window_s}
 

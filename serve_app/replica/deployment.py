@@ -85,9 +85,6 @@ def _cut_units(pending: Pending, room: int) -> int:
     (job_work: the shared work counts once, with the first part), so the last part leaves exactly nothing."""
     job = pending.item[0]
     units, shared = job.unit_work, job.shared_work
-    if pending.done >= len(units):  # nothing left to cut (its work was counted otherwise): the rest goes with it
-        pending.upto = len(units)
-        return pending.left
     end, tokens = pending.done + 1, units[pending.done]
     while end < len(units) and shared + tokens + units[end] <= room:
         tokens += units[end]
@@ -398,9 +395,8 @@ class ModelServer:
         queue = self._background_queue if background else self._engine_queue
         bound = self._pass_bound()
         for job, future in zip(jobs, futures):
-            # A job the engine cannot run in parts (none today) is always taken whole.
             # Sized in the engine's own work (job_work: a rerank's query head once), as the runs are bounded.
-            queue.add(Pending((job, future, enqueued_at), job_work(job)), bound if hasattr(job, "part") else None)
+            queue.add(Pending((job, future, enqueued_at), job_work(job)), bound)
         self._engine_wakeup.set()
         if self._engine_task is None or self._engine_task.done():
             self._engine_task = loop.create_task(self._engine_loop())
@@ -415,7 +411,6 @@ class ModelServer:
         under load it hands over many small batches; merging them here keeps forward passes full (measured:
         embedding saturation 11.0 -> 14.6 docs/s with max_wait_ms 0; BENCHMARKS.md). Online jobs first: the
         background queue is taken only when no online job waits, and never in the same run as online jobs."""
-        loop = asyncio.get_running_loop()
         while True:
             await self._engine_wakeup.wait()
             self._engine_wakeup.clear()
@@ -433,70 +428,66 @@ class ModelServer:
                 taken = queue.next_run(self._pass_bound(), _cut_units, self._batching.max_batch_tokens)
                 if not taken:
                     continue
-                now = time.monotonic()
                 try:
-                    # What the engine runs: a job taken whole, or the part `_cut_units` chose of one in parts.
-                    jobs = [pending.item[0] if not pending.done and not pending.left else
-                            pending.item[0].part(pending.done, pending.upto) for pending, _ in taken]
-                except Exception as exc:  # noqa: BLE001 - never leave a caller waiting
-                    logger.exception("%s: planning an engine run failed", self.config.name)
-                    for pending, _ in taken:
-                        self._finish_part(pending, InternalError(f"engine loop failed: {exc!r}"), background)
-                    continue
-                waits = [now - pending.item[2] for pending, _ in taken if not pending.done]  # first runs only
-                self._busy += 1
-                self._running = len(taken)
-                counter_before = self.engine.work.real_tokens  # the engine thread is idle here
-                # The signal: what each job has left after this run stays held (its own kind); the run's work is
-                # what it computes, so only a running part, never a whole job's rest, counts as ahead of others.
-                for pending, _ in taken:
-                    self.work.hold(id(pending.item[0]), pending.left, background)
-                self.work.run_started(now, counter_before, [], background, work=sum(share for _, share in taken))
-                try:
-                    results = await loop.run_in_executor(self._engine_thread, self._run_measured, jobs, waits)
+                    await self._run(taken, background)
                 except asyncio.CancelledError:  # the loop itself is stopped (its event loop closing): end with it
                     for pending, _ in taken:
-                        if not pending.item[1].done():
-                            pending.item[1].set_result(InternalError("the model replica is stopping"))
+                        self._finish_part(pending, InternalError("the model replica is stopping"))
                     raise
                 except BaseException as exc:  # noqa: BLE001 - never leave a caller waiting
-                    results = [InternalError(f"engine loop failed: {exc!r}")] * len(taken)
-                finally:
-                    self._busy -= 1
-                    self._running = 0
-                    self.work.run_ended(time.monotonic(), self.engine.work.real_tokens - counter_before,
-                                        time.monotonic() - now)
-                self._stats["engine_runs"] += 1
-                self._stats["tokens"] += sum(share for _, share in taken)
-                self._stats["largest_run_jobs"] = max(self._stats["largest_run_jobs"], len(taken))
-                for (pending, _), result in zip(taken, results):
-                    self._finish_part(pending, result, background)
+                    logger.exception("%s: engine run failed", self.config.name)
+                    for pending, _ in taken:
+                        self._finish_part(pending, InternalError(f"engine loop failed: {exc!r}"))
+
+    async def _run(self, taken: list[tuple[Pending, int]], background: bool) -> None:
+        """One engine run of what PassPlanner took: each job whole, or the part `_cut_units` chose of it."""
+        now = time.monotonic()
+        jobs = [pending.item[0].part(pending.done, pending.upto) if pending.upto else pending.item[0]
+                for pending, _ in taken]
+        waits = [now - pending.item[2] for pending, _ in taken if not pending.done]  # first runs only
+        work = sum(share for _, share in taken)
+        # The signal: each job stays held for what this run leaves of it (its own kind); the run's work is what it
+        # computes, so only a running part, never a whole job's rest, counts as ahead of other work.
+        for pending, _ in taken:
+            self.work.hold(id(pending.item[0]), pending.left, background)
+        self._busy += 1
+        self._running = len(taken)
+        counter_before = self.engine.work.real_tokens  # the engine thread is idle here
+        self.work.run_started(now, counter_before, work, background)
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self._engine_thread, self._run_measured, jobs,
+                                                                       waits)
+        finally:
+            self._busy -= 1
+            self._running = 0
+            self.work.run_ended(time.monotonic(), self.engine.work.real_tokens - counter_before,
+                                time.monotonic() - now)
+        self._stats["engine_runs"] += 1
+        self._stats["tokens"] += work
+        self._stats["largest_run_jobs"] = max(self._stats["largest_run_jobs"], len(taken))
+        for (pending, _), result in zip(taken, results):
+            self._finish_part(pending, result)
 
     def _runs_in_parts(self, job) -> bool:
         bound = self._pass_bound()
-        return bound is not None and hasattr(job, "part") and job_work(job) > bound
+        return bound is not None and job_work(job) > bound
 
     def _pass_bound(self) -> int | None:
         return pass_bound(self.work.tokens_per_s(), self._batching.max_pass_seconds, self._batching.max_batch_tokens,
                           self.engine.token_budget)
 
-    def _finish_part(self, pending: Pending, result, background: bool) -> None:
+    def _finish_part(self, pending: Pending, result) -> None:
         """A run's result for one queued job: its answer, or one part of it (the job goes on, its rest still held
-        for autoscaling), or a failed part (the job fails; its other parts are dropped with it)."""
-        job, future, _ = pending.item
+        and queued), or a failure (the job fails; its other parts are dropped with it at the next run)."""
+        future = pending.item[1]
         if future.done():
             return
-        in_parts = pending.done or pending.left
-        if in_parts and not isinstance(result, Exception):
+        if pending.upto and not isinstance(result, Exception):  # a part
             pending.parts.append(result)
             pending.done = pending.upto
-            if pending.left:  # the rest is still held (for autoscaling and the router), and queued
+            if pending.left:
                 return
-            try:
-                result = type(result).joined(pending.parts)
-            except Exception as exc:  # noqa: BLE001 - never leave a caller waiting
-                logger.exception("%s: joining a request's parts failed", self.config.name)
-                result = InternalError(f"model {self.config.name!r} failed on this request: {exc}")
+            result = type(result).joined(pending.parts)
         self._stats["jobs"] += 1
         future.set_result(result)
 

@@ -5,10 +5,10 @@ all of it. Unbounded, a 1,000-document rerank is one run of 50,000 tokens: 1.2 s
 the 2-core CPU, which every small request routed to that replica waits out (BENCHMARKS.md, "Autoscaling"). So each
 run is bounded to about `max_pass_seconds` of the replica's measured throughput, but never below the engine's
 micro-batch budget, where parts would leave forward passes part-empty (`pass_bound`: on the 2-core CPU, runs of
-about 400 tokens made a long rerank 2.4x slower, runs of the 1,024-token budget 1.13x and 1.17x in two runs; bench/pass_bench.py). A
-request larger than that runs in parts, whole units at a time (a rerank's documents, an embedding's inputs:
-models' `job.part`), with the requests that arrived meanwhile taken in between. Sizes are the engine's work
-(job_work, `job.unit_work`): a rerank's query head counts once, though every part computes it again:
+about 400 tokens made a long rerank 2.4x slower, runs of the 1,024-token budget 1.13x and 1.17x in two runs;
+bench/pass_bench.py). A request larger than that runs in parts, whole units at a time (a rerank's documents, an
+embedding's inputs: models' `job.part`), with the requests that arrived meanwhile taken in between. Sizes are the
+engine's work (job_work, `job.unit_work`): a rerank's query head counts once, though every part computes it again:
 
     a run = whole requests, oldest first, up to half the bound while a request runs in parts (at least one)
           + the next part of one request running in parts, filling the bound (at least half of it); the requests
@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
 
 def pass_bound(tokens_per_s: float, max_pass_seconds: float | None, max_batch_tokens: int,
                min_tokens: int) -> int | None:
