@@ -1,13 +1,15 @@
 """Bounded engine runs (batching.max_pass_seconds) in one model replica: how long short requests wait behind a long
 rerank, and what running it in parts costs the long one. Side by side in one process, on the same weights.
 
-The replica is the real ModelServer class, driven without Ray (as tests/test_deployment.py does: `@serve.batch`,
-which needs a running Serve replica, is replaced by a one-job stand-in). For each setting of max_pass_seconds
-(`--settings`, `none` = unbounded, as before bounded runs existed): one long rerank (`--documents` passages of
-about 50 tokens) starts, and while it runs a client sends one-document reranks one after another; reported are
-the short requests' latencies (p50, max), how many finished while the long one ran, the long one's time, the engine
-runs meanwhile (its parts and the short ones, which may share them), the long one's time alone (no short requests:
-what the parts themselves cost) and the replica's measured tokens/s. The long request's scores are checked against the unbounded run's.
+The replica is the real ModelServer class, driven without Ray (tests.helpers.replica_without_ray, as
+tests/test_deployment.py does: `@serve.batch`, which needs a running Serve replica, is replaced by a one-job
+stand-in). For each setting of max_pass_seconds (`--settings`, `none` = unbounded, as before bounded runs existed):
+one long rerank (`--documents` passages: 41 tokens of engine work each on average, the prompt's document markers
+included) alone, then the same rerank while a client sends one-document reranks one after another. Reported: the short
+requests' latencies (p50, max), how many finished while the long one ran, the long one's time, the engine runs
+meanwhile (its parts and the short ones, which may share them), the long one's time alone (what the parts
+themselves cost) and the replica's measured tokens/s. The long request's scores are checked against the unbounded
+run's.
 
     python bench/pass_bench.py                                  # shape-true 0.6B widths, 4 layers, CPU
     python bench/pass_bench.py --shape tiny --documents 4000
@@ -27,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from models.checkpoints import build_checkpoint, checkpoint_name  # noqa: E402
 from serve_app.replica.deployment import ModelServer  # noqa: E402
+from tests.helpers import replica_without_ray  # noqa: E402
 
 PASSAGE = ("The giant panda lives in the mountain forests of central China, where it eats bamboo for most of the "
            "day and sleeps in between.")  # about 30 tokens; documents repeat it with their index
@@ -34,15 +37,8 @@ SHORT_QUERY, SHORT_DOCUMENT = "what do pandas eat?", "Pandas eat bamboo."
 
 
 def replica(checkpoint: Path, max_pass_seconds: float | None, threads: int) -> ModelServer:
-    server = ModelServer.func_or_class({"name": "bench", "task": "rerank", "source": str(checkpoint),
-                                        "device": "cpu", "deployment": {"num_cpus": threads}})
-    server.reconfigure({"max_pass_seconds": max_pass_seconds})
-
-    async def serve_batch_stand_in(job):
-        return (await server._forward([job]))[0]
-
-    server._run_batch = serve_batch_stand_in
-    return server
+    return replica_without_ray({"name": "bench", "task": "rerank", "source": str(checkpoint), "device": "cpu",
+                                "deployment": {"num_cpus": threads}}, max_pass_seconds=max_pass_seconds)[0]
 
 
 async def measure(server: ModelServer, documents: list[str]) -> dict:
@@ -92,8 +88,8 @@ def main() -> None:
         diff = max(abs(a - b) for a, b in zip(result["scores"], baseline))
         short = result["short"]
         print(f"{setting:>16} {statistics.median(short):>11.3f} {max(short):>11.3f} {len(short):>6} "
-              f"{result['long_s']:>7.2f} {result['runs']:>5} {result['alone_s']:>12.2f} {result['tokens_per_s']:>9.0f} {diff:>14.2e}",
-              flush=True)
+              f"{result['long_s']:>7.2f} {result['runs']:>5} {result['alone_s']:>12.2f} "
+              f"{result['tokens_per_s']:>9.0f} {diff:>14.2e}", flush=True)
 
 
 if __name__ == "__main__":

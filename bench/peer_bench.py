@@ -108,27 +108,21 @@ def our_servers(database_url: str, secret: str | None, database_marker: str | No
 
     port = free_port()
 
-    def processes(table: dict) -> dict[str, list[process_cpu.Process]]:
+    def processes(table: dict, of_floor: bool = False) -> dict[str, list[process_cpu.Process]]:
+        """Our processes (or the floor's) in the Ray instance and the database, by role: "gateway" (the gateway app
+        also holds the batch runner), "model" or "floor" for replicas, "ingress", "ray"; the other's replicas, idle
+        meanwhile, are left out."""
         database = process_cpu.marked(database_marker, table)
-        roles: dict[str, list[process_cpu.Process]] = {"database": database} if database else {}
+        roles: dict[str, list[process_cpu.Process]] = {"database": database} if database and not of_floor else {}
         for process in process_cpu.descendants(os.getpid(), table):  # the Ray instance
             if process in database:
                 continue
-            # "replica:gateway" (the gateway app also holds the batch runner), "replica:<model>", "ingress", "ray"
             role = process_cpu.serve_role(process)
-            if role == "replica:floor":
-                continue
-            role = "gateway" if role == "replica:gateway" else "model" if role.startswith("replica:") else role
+            if role.startswith("replica:"):
+                if (role == "replica:floor") != of_floor:
+                    continue
+                role = "floor" if of_floor else "gateway" if role == "replica:gateway" else "model"
             roles.setdefault(role, []).append(process)
-        return roles
-
-    def floor_processes(table: dict) -> dict[str, list[process_cpu.Process]]:
-        roles: dict[str, list[process_cpu.Process]] = {}
-        for process in process_cpu.descendants(os.getpid(), table):
-            role = process_cpu.serve_role(process)
-            if role.startswith("replica:") and role != "replica:floor":
-                continue  # our gateway and model replicas (idle meanwhile)
-            roles.setdefault("floor" if role == "replica:floor" else role, []).append(process)
         return roles
 
     with local_serve(port, num_cpus=max(8, max_threads + 2)) as instance:
@@ -142,7 +136,8 @@ def our_servers(database_url: str, secret: str | None, database_marker: str | No
             ingress = "HAProxy" if any(p.name == "haproxy" for p in ingresses) else "Serve's Python proxy"
             return Server(f"ours ({ingress})", instance.url, instance.headers, checkpoint.name, processes)
 
-        serve.floor = Server("Ray Serve's floor (no model)", instance.url, {}, "floor", floor_processes,
+        serve.floor = Server("Ray Serve's floor (no model)", instance.url, {}, "floor",
+                             lambda table: processes(table, of_floor=True),
                              route="/floor" + ROUTE, computes=False)
         yield serve
 

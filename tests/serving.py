@@ -325,13 +325,16 @@ def wait_until_serving(command: subprocess.Popen, url: str, timeout_s: float = 1
         time.sleep(0.5)
 
 
-def stop_command(command: subprocess.Popen, timeout_s: float = 150) -> None:
-    """Stop a `qwen3-serve` still running as an operator would (SIGTERM: serve run shuts Serve down), then harder."""
-    if command.poll() is not None:
-        return
-    command.send_signal(signal.SIGTERM)
+def stop_command(command: subprocess.Popen, environment: dict[str, str], timeout_s: float = 150) -> None:
+    """Stop a `qwen3-serve` still running as an operator would (SIGTERM: serve run shuts Serve down), then harder;
+    then end any haproxy it left and remove its run directory (discard_ingress; `environment`: start_command's)."""
     try:
-        command.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        command.kill()
-        command.wait()
+        if command.poll() is None:
+            command.send_signal(signal.SIGTERM)
+            try:
+                command.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                command.kill()
+                command.wait()
+    finally:
+        discard_ingress(environment)

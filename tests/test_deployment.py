@@ -7,6 +7,11 @@ import pytest
 from models.reranker import RerankJob
 from serve_app.errors import InternalError, Overloaded
 from serve_app.replica.deployment import ModelServer, job_tokens
+from tests.helpers import replica_without_ray
+
+
+def tiny_reranker(path) -> dict:
+    return {"name": "r", "task": "rerank", "source": str(path), "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -119,18 +124,8 @@ def test_stats_count_the_forward_work_the_engine_did(tiny_reranker_path):
 
 
 def test_requests_that_arrive_while_the_engine_is_busy_gather_for_its_next_pass(tiny_reranker_path):
-    server = ModelServer.func_or_class({"name": "r", "task": "rerank", "source": str(tiny_reranker_path),
-                                        "device": "cpu"})
-    gathered = []
-
-    async def serve_batch_stand_in(job):
-        # @serve.batch needs a running Serve replica (tests/test_serving_deploy.py covers it there); here the stand-in
-        # records that the request took the batch path and hands it on as a one-job batch would be.
-        gathered.append(job)
-        return (await server._forward([job]))[0]
-
-    server.reconfigure({"max_pass_seconds": None})  # the heavy request is one run (bounded runs: below)
-    server._run_batch = serve_batch_stand_in
+    # The heavy request is one run (bounded runs: below).
+    server, gathered = replica_without_ray(tiny_reranker(tiny_reranker_path), max_pass_seconds=None)
     heavy = ["a long document about pandas and bamboo " * 40] * 300
     waiting = [[f"document {i} about bamboo"] for i in range(3)]
 
@@ -191,16 +186,8 @@ def test_background_jobs_yield_to_online_ones_and_never_count_against_admission(
 
 def bounded_server(tiny_reranker_path):
     """A replica whose runs stop at 4,096 tokens (max_batch_tokens bounds max_pass_seconds' share of the tiny
-    engine's throughput), with @serve.batch (which needs a running Serve replica) replaced by a one-job stand-in."""
-    server = ModelServer.func_or_class({"name": "r", "task": "rerank", "source": str(tiny_reranker_path),
-                                        "device": "cpu"})
-    server.reconfigure({"max_batch_tokens": 4096, "max_pass_seconds": 0.25})
-
-    async def serve_batch_stand_in(job):
-        return (await server._forward([job]))[0]
-
-    server._run_batch = serve_batch_stand_in
-    return server
+    engine's throughput)."""
+    return replica_without_ray(tiny_reranker(tiny_reranker_path), max_batch_tokens=4096, max_pass_seconds=0.25)[0]
 
 
 HEAVY = ["a long document about pandas and bamboo " * 40] * 300  # about 90,000 tokens: 20-odd bounded runs
@@ -249,16 +236,8 @@ def test_a_request_given_up_between_its_parts_runs_no_more_of_them(tiny_reranker
 def test_a_request_that_will_run_in_parts_skips_the_gathered_batch(tiny_reranker_path):
     """A gathered batch answers all its requests at once, so a request larger than a run must not join one: the
     small requests gathered with it would wait for its last part."""
-    server = ModelServer.func_or_class({"name": "r", "task": "rerank", "source": str(tiny_reranker_path),
-                                        "device": "cpu"})
-    server.reconfigure({"max_pass_seconds": 0.001})  # runs of the engine's 1,024-token budget; batches up to 65,536
-    gathered = []
-
-    async def serve_batch_stand_in(job):
-        gathered.append(job)
-        return (await server._forward([job]))[0]
-
-    server._run_batch = serve_batch_stand_in
+    # Runs of the engine's 1,024-token budget; batches up to 65,536.
+    server, gathered = replica_without_ray(tiny_reranker(tiny_reranker_path), max_pass_seconds=0.001)
     in_parts = ["a document about pandas and bamboo " * 10] * 40  # about 3,000 tokens: over a run, under a batch
 
     async def scenario():

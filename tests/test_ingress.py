@@ -21,8 +21,7 @@ import yaml
 
 from serve_app.cluster import haproxy
 from tests.reference import ModelCardReranker
-from tests.serving import (REPO, RERANKER, application, discard_ingress, free_port, start_command, stop_command,
-                           wait_until_serving)
+from tests.serving import REPO, RERANKER, application, free_port, start_command, stop_command, wait_until_serving
 
 # What Ray 2.60 renders for haproxy's stats page and exporter (ray/serve/_private/haproxy_templates.py), around
 # the frontend that must stay as it is.
@@ -176,5 +175,4 @@ def test_qwen3_serve_answers_and_leaves_nothing_listening(serve_command_config, 
         assert not port_is_open(port)
         assert haproxy.recorded_haproxies(run_dir) == {}
     finally:
-        stop_command(command)  # after a failed assertion above
-        discard_ingress(environment)
+        stop_command(command, environment)  # after a failed assertion above

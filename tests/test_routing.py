@@ -21,7 +21,7 @@ from ray.serve._private.common import DeploymentHandleSource, DeploymentID, Repl
 from serve_app.config import QUEUED_WORK_ROUTER, DeploymentOptions, GatewayConfig
 from serve_app.replica.autoscaling import BACKGROUND_TOKENS, ONLINE_TOKENS, estimated_work
 from serve_app.replica.routing import QueuedWorkRouter, request_work
-from tests.serving import discard_ingress, free_port, start_command, stop_command, wait_until_serving
+from tests.serving import free_port, start_command, stop_command, wait_until_serving
 
 DEPLOYMENT = DeploymentID(name="ModelServer", app_name="routing-test")
 
@@ -167,6 +167,5 @@ def test_small_requests_avoid_the_replica_running_a_huge_one(tmp_path, tiny_rera
         assert len(calls[busy[0]]) == 1, f"small calls reached the busy replica: {calls[busy[0]]}"
         assert calls[idle], "no small call in the other replica's log (the check reads the wrong lines)"
     finally:
-        stop_command(command)
-        discard_ingress(environment)
+        stop_command(command, environment)
         shutil.rmtree(ray_tmp, ignore_errors=True)
